@@ -1,0 +1,138 @@
+"""Shared types, path utilities and argument validation for sparsejax."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Params = Any  # a pytree of arrays
+Masks = Any  # a params-structured pytree: bool arrays for sparse leaves, MaskedNode otherwise
+MASK_DTYPE = jnp.bool_
+
+
+class ScoreContext(NamedTuple):
+  """Everything a drop or grow criterion may look at, for one sparse leaf.
+
+  Criteria are functions ``ctx -> scores`` returning an array shaped like ``ctx.param``
+  (higher means "keep" for drop criteria and "grow" for grow criteria). New fields may be
+  added at the end in later versions; criteria that read fields by name keep working.
+
+  Attributes:
+    param: the current weights, shape ``S`` (pruned entries are exactly 0).
+    grad: the dense gradient of this step, shape ``S`` (nonzero at pruned entries too).
+    mask: the current bool mask, shape ``S``.
+    key: a PRNG key unique to this leaf, this update and this criterion.
+    step: int32 scalar, the transformation's update count at this step.
+    path: the leaf's path, e.g. ``"layer1/kernel"`` (a static Python string).
+    inner_moments: a tuple of the inner optimizer's param-shaped state arrays for this
+      leaf (e.g. Adam's ``(mu, nu)``, SGD momentum's ``(trace,)``), in state order.
+  """
+
+  param: jax.Array
+  grad: jax.Array
+  mask: jax.Array
+  key: jax.Array
+  step: jax.Array
+  path: str
+  inner_moments: tuple[jax.Array, ...]
+
+
+def _key_name(entry: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def path_to_str(path: Sequence[Any]) -> str:
+  """Turns a JAX key path into ``"a/b/kernel"``, dropping NNX ``.value`` attributes."""
+  names = [_key_name(entry) for entry in path]
+  if names and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
+    names = names[:-1]
+  return "/".join(names)
+
+
+def is_masked_node(x: Any) -> bool:
+  return isinstance(x, optax.MaskedNode)
+
+
+def flatten_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
+  """Flattens ``tree`` into (paths, leaves, treedef); MaskedNode counts as a leaf."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked_node)
+  return [path_to_str(p) for p, _ in flat], [leaf for _, leaf in flat], treedef
+
+
+def check_sparsity(name: str, value: Any, *, allow_none: bool = False) -> float | None:
+  """Validates a sparsity in [0, 1); raises ValueError naming ``name`` otherwise."""
+  if value is None and allow_none:
+    return None
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"`{name}` must be a float in [0, 1), got {value!r} ({type(value).__name__}).")
+  value = float(value)
+  if not (0.0 <= value < 1.0) or math.isnan(value):
+    raise ValueError(f"`{name}` must be in [0, 1) (fraction of zeros), got {value}.")
+  return value
+
+
+def check_fraction(name: str, value: Any) -> float:
+  """Validates a fraction in [0, 1]; raises ValueError naming ``name`` otherwise."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"`{name}` must be a float in [0, 1], got {value!r} ({type(value).__name__}).")
+  value = float(value)
+  if not (0.0 <= value <= 1.0) or math.isnan(value):
+    raise ValueError(f"`{name}` must be in [0, 1], got {value}.")
+  return value
+
+
+def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
+  """Validates an integer (>= ``minimum``); raises naming ``name`` otherwise."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"`{name}` must be an int, got {value!r} ({type(value).__name__}).")
+  value = int(value)
+  if minimum is not None and value < minimum:
+    raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+  return value
+
+
+def check_callable(name: str, fn: Any, n_args: int) -> Callable[..., Any]:
+  """Checks that ``fn`` is callable with ``n_args`` positional arguments."""
+  if not callable(fn):
+    raise TypeError(f"`{name}` must be callable, got {fn!r}.")
+  import inspect
+
+  try:
+    inspect.signature(fn).bind(*([None] * n_args))
+  except TypeError as e:
+    raise TypeError(
+        f"`{name}` must accept exactly {n_args} positional argument(s); "
+        f"{getattr(fn, '__name__', fn)!r} has signature {inspect.signature(fn)}: {e}"
+    ) from None
+  except ValueError:  # builtins without a signature: accept.
+    pass
+  return fn
+
+
+def is_floating(leaf: Any) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+
+
+def floor_count(size: int, fraction: float) -> int:
+  """``floor(fraction * size)`` robust to float noise (0.29 * 100 -> 29, not 28)."""
+  return int(math.floor(fraction * size + 1e-9))
+
+
+def nnz_for_sparsity(size: int, sparsity: float) -> int:
+  """Number of nonzeros of a layer of ``size`` at ``sparsity``: ``size - floor(S*size)``."""
+  return size - floor_count(size, sparsity)
+
+
+def shape_size(shape: Sequence[int]) -> int:
+  return int(np.prod(shape, dtype=np.int64))

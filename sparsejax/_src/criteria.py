@@ -1,0 +1,106 @@
+"""Drop and grow criteria, and the registry that lets configs name them.
+
+A criterion is a pure function ``ctx: ScoreContext -> scores`` returning an array shaped
+like ``ctx.param``; higher scores are kept (drop criteria) or grown (grow criteria).
+
+Example, a custom regrowth rule by momentum magnitude::
+
+  def grow_by_momentum(ctx):
+    return jnp.abs(ctx.inner_moments[0])        # Adam's mu, SGD's trace
+  sparsejax.register_criterion("momentum_magnitude", grow_by_momentum)
+  tx = sparsejax.dynamic_sparse(optax.adam(1e-3), sparsity=0.9, end_step=1000,
+                                grow="momentum_magnitude")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax._src import base
+
+Criterion = Callable[[base.ScoreContext], jax.Array]
+
+
+def magnitude(ctx: base.ScoreContext) -> jax.Array:
+  """``|w|``: the magnitude drop criterion of SET and RigL."""
+  return jnp.abs(ctx.param)
+
+
+def gradient_magnitude(ctx: base.ScoreContext) -> jax.Array:
+  """``|dL/dw|`` of the dense gradient: the RigL grow criterion (Evci et al. 2020)."""
+  return jnp.abs(ctx.grad)
+
+
+def random(ctx: base.ScoreContext) -> jax.Array:
+  """Uniform random scores from ``ctx.key``: the SET grow criterion (Mocanu et al. 2018)."""
+  return jax.random.uniform(ctx.key, ctx.param.shape, jnp.float32)
+
+
+def momentum_magnitude(ctx: base.ScoreContext) -> jax.Array:
+  """``|m|`` of the inner optimizer's first param-shaped state (Adam ``mu``, SGD trace).
+
+  Raises:
+    ValueError: at trace time if the inner optimizer keeps no param-shaped state.
+  """
+  if not ctx.inner_moments:
+    raise ValueError(
+        f"criterion 'momentum_magnitude' needs an inner optimizer with a param-shaped state "
+        f"(momentum, Adam); leaf {ctx.path!r} has none."
+    )
+  return jnp.abs(ctx.inner_moments[0]).astype(jnp.float32)
+
+
+_REGISTRY: dict[str, Criterion] = {
+    "magnitude": magnitude,
+    "gradient": gradient_magnitude,
+    "gradient_magnitude": gradient_magnitude,
+    "random": random,
+    "momentum": momentum_magnitude,
+    "momentum_magnitude": momentum_magnitude,
+}
+
+
+def register_criterion(name: str, fn: Criterion, *, overwrite: bool = False) -> Criterion:
+  """Registers ``fn`` under ``name`` so that configs and ``drop=``/``grow=`` can name it.
+
+  Args:
+    name: the registry name.
+    fn: a function ``ctx -> scores`` of one positional argument.
+    overwrite: allow replacing an existing name.
+
+  Returns:
+    ``fn`` (so this can be used as a decorator via ``functools.partial``).
+
+  Raises:
+    ValueError: if ``name`` is taken and ``overwrite`` is False.
+    TypeError: if ``fn`` is not a function of one positional argument.
+  """
+  if not isinstance(name, str) or not name:
+    raise TypeError(f"`name` must be a non-empty string, got {name!r}.")
+  base.check_callable("fn", fn, 1)
+  if name in _REGISTRY and _REGISTRY[name] is not fn and not overwrite:
+    raise ValueError(
+        f"criterion name {name!r} is already registered; pass overwrite=True to replace it."
+    )
+  _REGISTRY[name] = fn
+  return fn
+
+
+def get_criterion(criterion: str | Criterion, *, argname: str = "criterion") -> Criterion:
+  """Resolves a criterion given by registered name or by value."""
+  if isinstance(criterion, str):
+    if criterion not in _REGISTRY:
+      raise ValueError(
+          f"Unknown `{argname}` criterion {criterion!r}; registered: {sorted(_REGISTRY)}. "
+          "Register your own with sparsejax.register_criterion(name, fn)."
+      )
+    return _REGISTRY[criterion]
+  return base.check_callable(argname, criterion, 1)
+
+
+def registered_criteria() -> list[str]:
+  """Names currently in the criteria registry."""
+  return sorted(_REGISTRY)
