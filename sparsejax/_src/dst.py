@@ -196,6 +196,13 @@ def plan_sparsity(
     else:
       per_layer = dist(cand_shapes, sparsity, overrides=resolved_overrides)
 
+  for path in candidates:
+    value = per_layer.get(path)
+    if value is None or not (0.0 <= float(value) < 1.0):
+      raise ValueError(
+          f"`distribution` {distribution!r} cannot reach sparsity={sparsity}: it gave layer "
+          f"{path!r} the sparsity {value!r}; every layer needs a value in [0, 1)."
+      )
   plan: dict[str, float | None] = {}
   for path in paths:
     s = per_layer.get(path)
@@ -524,6 +531,12 @@ def dynamic_sparse(
       new_updates, inner_state = emit(grad_masks, grown, inner_state)
       masks_tree = jax.tree.unflatten(treedef, new_masks)
       return new_updates, masks_tree, inner_state, state.skipped_updates + (~finite).astype(jnp.int32)
+
+    if not sparse_idx:  # nothing is sparse (e.g. sparsity 0): exactly the inner optimizer.
+      new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+      return new_updates, state._replace(
+          count=optax.safe_int32_increment(state.count), inner_state=inner_state
+      )
 
     do_update = is_mask_update_step(
         state.count, update_every=update_every, start_step=start_step, end_step=end_step

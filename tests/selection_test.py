@@ -1,0 +1,93 @@
+"""Tests of the exact top-k selection and drop-and-grow primitives."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import sparsejax as sj
+
+
+def _reference_topk(scores, k, candidates=None):
+  """Stable numpy reference: highest scores first, ties by lowest flat index."""
+  s = np.asarray(scores, np.float64).reshape(-1)
+  c = np.ones_like(s, bool) if candidates is None else np.asarray(candidates).reshape(-1)
+  order = [i for i in np.argsort(-s, kind="stable") if c[i]]
+  out = np.zeros_like(s, bool)
+  out[order[: max(int(k), 0)]] = True
+  return out.reshape(np.shape(scores))
+
+
+def test_topk_hand_worked_ties_by_index():
+  scores = jnp.array([1.0, 3.0, 3.0, 0.0, 3.0])
+  np.testing.assert_array_equal(sj.topk_mask(scores, 2), [False, True, True, False, False])
+  np.testing.assert_array_equal(sj.topk_mask(scores, 4), [True, True, True, False, True])
+  np.testing.assert_array_equal(sj.topk_mask(scores, 0), [False] * 5)
+  np.testing.assert_array_equal(sj.topk_mask(scores, 9), [True] * 5)
+
+
+def test_topk_negative_zero_and_inf_scores():
+  scores = jnp.array([-1.0, -jnp.inf, 0.0, -0.5, jnp.inf, -2.0])
+  np.testing.assert_array_equal(sj.topk_mask(scores, 3), [False, False, True, True, True, False])
+  np.testing.assert_array_equal(sj.topk_mask(scores, 5), [True, False, True, True, True, True])
+
+
+@pytest.mark.parametrize("shape,k", [((7,), 3), ((4, 6), 10), ((3, 3, 5), 1), ((64, 33), 700)])
+def test_topk_matches_reference_with_duplicates(shape, k):
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 5, size=shape).astype(np.float32)  # many ties
+  candidates = rng.random(shape) < 0.7
+  got = sj.topk_mask(jnp.asarray(scores), k, candidates=jnp.asarray(candidates))
+  np.testing.assert_array_equal(got, _reference_topk(scores, k, candidates))
+
+
+def test_topk_dynamic_k_under_jit_and_eager_agree():
+  scores = jax.random.normal(jax.random.PRNGKey(1), (50, 20))
+  f = jax.jit(lambda s, k: sj.topk_mask(s, k))
+  for k in (0, 1, 17, 999, 1000, 1200):
+    eager = sj.topk_mask(scores, k)
+    np.testing.assert_array_equal(f(scores, jnp.int32(k)), eager)
+    assert int(eager.sum()) == min(k, 1000)
+    np.testing.assert_array_equal(eager, _reference_topk(scores, k))
+
+
+def test_topk_along_axis_with_per_slice_counts():
+  scores = jnp.array([[3.0, 1.0, 2.0], [2.0, 2.0, 0.0], [1.0, 3.0, 2.0], [0.0, 0.0, 1.0]])
+  k = jnp.array([[2, 0, 1]])  # per column
+  got = sj.topk_mask(scores, k, axis=0)
+  expected = np.array(
+      [[True, False, True], [True, False, False], [False, False, False], [False, False, False]]
+  )
+  np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "shape,density,drop_fraction",
+    list(itertools.product([(8,), (5, 7), (3, 4, 6), (2, 3, 3, 8)], [0.1, 0.5, 0.9], [0.0, 0.3, 1.0])),
+)
+def test_drop_and_grow_invariants(shape, density, drop_fraction):
+  key = jax.random.PRNGKey(hash((shape, density, drop_fraction)) % 2**31)
+  k1, k2, k3 = jax.random.split(key, 3)
+  size = int(np.prod(shape))
+  nnz = max(1, int(size * density))
+  mask = sj.topk_mask(jax.random.uniform(k1, shape), nnz)
+  drop_scores = jnp.abs(jax.random.normal(k2, shape))
+  grow_scores = jnp.abs(jax.random.normal(k3, shape))
+  n_drop = int(np.floor(nnz * drop_fraction))
+  new, kept = jax.jit(sj.drop_and_grow)(mask, drop_scores, grow_scores, n_drop)
+  new, kept, mask = map(np.asarray, (new, kept, mask))
+  grown = new & ~kept
+  dropped = mask & ~kept
+  assert new.sum() == nnz
+  assert kept.sum() == nnz - n_drop
+  assert not (kept & ~mask).any()  # kept ⊆ old
+  assert not (kept & grown).any()
+  assert grown.sum() == n_drop
+  d, g = np.asarray(drop_scores), np.asarray(grow_scores)
+  if dropped.any() and kept.any():
+    assert d[dropped].max() <= d[kept].min()
+  candidates = ~kept
+  if grown.any() and (candidates & ~grown).any():
+    assert g[grown].min() >= g[candidates & ~grown].max()
