@@ -627,9 +627,13 @@ def find_dst_state(opt_state: Any) -> DynamicSparseState:
 
 def _unwrap(x: Any) -> Any:
   """Unwraps NNX Variable-like containers (OptVariable) to their array."""
-  if isinstance(x, jax.Array) or not hasattr(x, "value"):
+  if isinstance(x, jax.Array) or not hasattr(x, "get_value"):
     return x
-  return x.value
+  return _variable_value(x)
+
+
+def _variable_value(x: Any) -> Any:
+  return x.get_value() if hasattr(x, "get_value") else x.value
 
 
 def _mask_leaves(opt_state: Any) -> list[Any]:
@@ -659,14 +663,25 @@ def get_masks(opt_state: Any, params: base.Params | None = None) -> Any:
     treedef = jax.tree.structure(
         jax.tree.map(lambda x: 0, masks, is_leaf=lambda x: base.is_masked_node(x) or isinstance(x, jax.Array))
     )
-    return jax.tree.unflatten(treedef, leaves)
+    return _strip_variables(jax.tree.unflatten(treedef, leaves))
   treedef = jax.tree.structure(params)
   if treedef.num_leaves != len(leaves):
     raise ValueError(
         f"`params` has {treedef.num_leaves} leaves but the DST state has {len(leaves)} masks: "
         "the optimizer state belongs to a different model."
     )
-  return jax.tree.unflatten(treedef, leaves)
+  return _strip_variables(jax.tree.unflatten(treedef, leaves))
+
+
+def _is_variable_like(x: Any) -> bool:
+  return not isinstance(x, jax.Array) and hasattr(x, "get_value") and hasattr(x, "replace")
+
+
+def _strip_variables(tree: Any) -> Any:
+  """Replaces NNX Variable nodes by their content, so masks are plain arrays / None."""
+  return jax.tree.map(
+      lambda x: _variable_value(x) if _is_variable_like(x) else x, tree, is_leaf=_is_variable_like
+  )
 
 
 def apply_masks(params: base.Params, opt_state: Any) -> base.Params:
