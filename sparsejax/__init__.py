@@ -30,6 +30,10 @@ from sparsejax._src.dst import summarize as summarize
 from sparsejax._src.selection import drop_and_grow as drop_and_grow
 from sparsejax._src.selection import grouped_drop_and_grow as grouped_drop_and_grow
 from sparsejax._src.selection import topk_mask as topk_mask
+from sparsejax._src.srigl import active_neurons as active_neurons
+from sparsejax._src.srigl import fan_in_counts as fan_in_counts
+from sparsejax._src.srigl import neurons_to_ablate as neurons_to_ablate
+from sparsejax._src.srigl import srigl as srigl
 from sparsejax._src.structures import NM as NM
 from sparsejax._src.structures import ConstantFanIn as ConstantFanIn
 from sparsejax._src.structures import Unstructured as Unstructured

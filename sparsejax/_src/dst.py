@@ -69,9 +69,14 @@ class DynamicSparseState(NamedTuple):
 
 
 class LeafMaskUpdate(Protocol):
-  """Computes one leaf's new mask: ``(ctx, drop_scores, grow_scores, n_drop) -> (new, kept)``."""
+  """Computes one leaf's new mask and the kept subset of the old one.
 
-  def __call__(self, ctx, drop_scores, grow_scores, n_drop, sparsity, structure): ...
+  Called inside the jitted update with the leaf's score context, its drop and grow scores,
+  the number of weights to drop, the leaf's sparsity, the structure, and the paths of all
+  sparse leaves (flattening order). Returns ``(new_mask, kept)``.
+  """
+
+  def __call__(self, ctx, drop_scores, grow_scores, n_drop, sparsity, structure, sparse_paths): ...
 
 
 # --------------------------------------------------------------------------------------
@@ -89,17 +94,17 @@ def _compile_regex(name: str, pattern: str | None) -> re.Pattern | None:
 
 
 def plan_sparsity(
-    params: base.Params,
-    *,
-    sparsity: float | None,
-    distribution: str | distributions.Distribution = "erk",
-    structure: str | structures.Structure | None = None,
-    include: str | None = None,
-    exclude: str | None = None,
-    keep_first_dense: bool = False,
-    keep_last_dense: bool = False,
-    overrides: Mapping[str, float] | None = None,
-    erk_power_scale: float = 1.0,
+  params: base.Params,
+  *,
+  sparsity: float | None,
+  distribution: str | distributions.Distribution = "erk",
+  structure: str | structures.Structure | None = None,
+  include: str | None = None,
+  exclude: str | None = None,
+  keep_first_dense: bool = False,
+  keep_last_dense: bool = False,
+  overrides: Mapping[str, float] | None = None,
+  erk_power_scale: float = 1.0,
 ) -> dict[str, float | None]:
   """Decides the sparsity of every leaf of ``params`` (``None`` = dense, no mask).
 
@@ -156,9 +161,9 @@ def plan_sparsity(
   if not candidates:
     floats = [p for p, leaf in zip(paths, leaves, strict=True) if base.is_floating(leaf)]
     raise ValueError(
-        "No parameter leaf is eligible for sparsity (candidates are floating leaves with "
-        f"ndim > 1, or those matching `include`). Floating leaves found: {floats[:20]}; "
-        f"include={include!r}, exclude={exclude!r}."
+      "No parameter leaf is eligible for sparsity (candidates are floating leaves with "
+      f"ndim > 1, or those matching `include`). Floating leaves found: {floats[:20]}; "
+      f"include={include!r}, exclude={exclude!r}."
     )
 
   resolved_overrides: dict[str, float] = {}
@@ -171,18 +176,21 @@ def plan_sparsity(
       matched = [p for p in candidates if regex.search(p)]
       if not matched:
         raise ValueError(
-            f"`overrides` pattern {pattern!r} matches no sparse parameter. Sparse candidates: "
-            f"{candidates[:20]}{' ...' if len(candidates) > 20 else ''}"
+          f"`overrides` pattern {pattern!r} matches no sparse parameter. Sparse candidates: "
+          f"{candidates[:20]}{' ...' if len(candidates) > 20 else ''}"
         )
       for p in matched:
         resolved_overrides[p] = value
 
   shapes = {p: tuple(leaf.shape) for p, leaf in zip(paths, leaves, strict=True)}
   if isinstance(structure, structures.NM):
-    if sparsity is not None and abs(base.check_sparsity("sparsity", sparsity) - structure.sparsity) > 1e-9:
+    if (
+      sparsity is not None
+      and abs(base.check_sparsity("sparsity", sparsity) - structure.sparsity) > 1e-9
+    ):
       raise ValueError(
-          f"`sparsity`={sparsity} conflicts with structure=NM({structure.n}, {structure.m}), "
-          f"whose sparsity is 1 - n/m = {structure.sparsity}. Pass sparsity=None."
+        f"`sparsity`={sparsity} conflicts with structure=NM({structure.n}, {structure.m}), "
+        f"whose sparsity is 1 - n/m = {structure.sparsity}. Pass sparsity=None."
       )
     per_layer = {p: resolved_overrides.get(p, structure.sparsity) for p in candidates}
   else:
@@ -192,7 +200,9 @@ def plan_sparsity(
     dist = distributions.get_distribution(distribution)
     cand_shapes = {p: shapes[p] for p in candidates}
     if dist is distributions.erk:
-      per_layer = dist(cand_shapes, sparsity, overrides=resolved_overrides, power_scale=erk_power_scale)
+      per_layer = dist(
+        cand_shapes, sparsity, overrides=resolved_overrides, power_scale=erk_power_scale
+      )
     else:
       per_layer = dist(cand_shapes, sparsity, overrides=resolved_overrides)
 
@@ -200,8 +210,8 @@ def plan_sparsity(
     value = per_layer.get(path)
     if value is None or not (0.0 <= float(value) < 1.0):
       raise ValueError(
-          f"`distribution` {distribution!r} cannot reach sparsity={sparsity}: it gave layer "
-          f"{path!r} the sparsity {value!r}; every layer needs a value in [0, 1)."
+        f"`distribution` {distribution!r} cannot reach sparsity={sparsity}: it gave layer "
+        f"{path!r} the sparsity {value!r}; every layer needs a value in [0, 1)."
       )
   plan: dict[str, float | None] = {}
   for path in paths:
@@ -221,7 +231,7 @@ def flatten_with_paths_checked(params: base.Params) -> tuple[list[str], list[Any
   for leaf in leaves:
     if not hasattr(leaf, "shape") or not hasattr(leaf, "dtype"):
       raise TypeError(
-          f"`params` leaves must be arrays or jax.ShapeDtypeStruct, got {type(leaf).__name__}."
+        f"`params` leaves must be arrays or jax.ShapeDtypeStruct, got {type(leaf).__name__}."
       )
   return paths, leaves, treedef
 
@@ -267,7 +277,7 @@ def _inner_moments(inner, inner_state, n_leaves: int, treedef) -> list[tuple[jax
     return value
 
   optax.tree_utils.tree_map_params(
-      inner, collect, inner_state, index_tree, is_leaf=base.is_masked_node
+    inner, collect, inner_state, index_tree, is_leaf=base.is_masked_node
   )
   return [tuple(c) for c in collected]
 
@@ -282,11 +292,12 @@ def _reset_inner_state(inner, inner_state, grown: list[Any], treedef):
     return jnp.where(grown_leaf, jnp.zeros_like(value), value)
 
   return optax.tree_utils.tree_map_params(
-      inner, reset, inner_state, grown_tree, is_leaf=base.is_masked_node
+    inner, reset, inner_state, grown_tree, is_leaf=base.is_masked_node
   )
 
 
-def _default_leaf_update(ctx, drop_scores, grow_scores, n_drop, sparsity, structure):
+def _default_leaf_update(ctx, drop_scores, grow_scores, n_drop, sparsity, structure, sparse_paths):
+  del sparse_paths
   return structure.drop_and_grow(ctx.mask, drop_scores, grow_scores, n_drop, sparsity)
 
 
@@ -296,27 +307,27 @@ def _default_leaf_update(ctx, drop_scores, grow_scores, n_drop, sparsity, struct
 
 
 def dynamic_sparse(
-    inner: optax.GradientTransformation,
-    *,
-    sparsity: float | None = None,
-    distribution: str | distributions.Distribution = "erk",
-    drop: str | criteria.Criterion = "magnitude",
-    grow: str | criteria.Criterion = "gradient",
-    update_every: int | None = 100,
-    start_step: int = 0,
-    end_step: int | None = None,
-    drop_fraction: float | optax.Schedule = 0.3,
-    drop_fraction_decay: str = "cosine",
-    structure: str | structures.Structure | None = None,
-    grow_init: float = 0.0,
-    seed: int = 0,
-    include: str | None = None,
-    exclude: str | None = None,
-    keep_first_dense: bool = False,
-    keep_last_dense: bool = False,
-    overrides: Mapping[str, float] | None = None,
-    erk_power_scale: float = 1.0,
-    leaf_mask_update: LeafMaskUpdate | None = None,
+  inner: optax.GradientTransformation,
+  *,
+  sparsity: float | None = None,
+  distribution: str | distributions.Distribution = "erk",
+  drop: str | criteria.Criterion = "magnitude",
+  grow: str | criteria.Criterion = "gradient",
+  update_every: int | None = 100,
+  start_step: int = 0,
+  end_step: int | None = None,
+  drop_fraction: float | optax.Schedule = 0.3,
+  drop_fraction_decay: str = "cosine",
+  structure: str | structures.Structure | None = None,
+  grow_init: float = 0.0,
+  seed: int = 0,
+  include: str | None = None,
+  exclude: str | None = None,
+  keep_first_dense: bool = False,
+  keep_last_dense: bool = False,
+  overrides: Mapping[str, float] | None = None,
+  erk_power_scale: float = 1.0,
+  leaf_mask_update: LeafMaskUpdate | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Wraps ``inner`` into a dynamic sparse training transformation.
 
@@ -386,34 +397,34 @@ def dynamic_sparse(
     update_every = base.check_int("update_every", update_every, minimum=1)
     if end_step is None:
       raise ValueError(
-          "`end_step` is required for dynamic sparsity (RigL/SRigL use 75% of the total "
-          "training steps); pass update_every=None for a static mask."
+        "`end_step` is required for dynamic sparsity (RigL/SRigL use 75% of the total "
+        "training steps); pass update_every=None for a static mask."
       )
   if end_step is not None:
     end_step = base.check_int("end_step", end_step)
     if end_step <= start_step:
       raise ValueError(f"`end_step` must be > `start_step`={start_step}, got {end_step}.")
   drop_fraction_fn = _make_drop_fraction_schedule(
-      drop_fraction, drop_fraction_decay, start_step, end_step
+    drop_fraction, drop_fraction_decay, start_step, end_step
   )
   if not callable(drop_fraction) and drop_fraction_decay not in ("cosine", "constant"):
     raise ValueError(
-        f"`drop_fraction_decay` must be 'cosine' or 'constant', got {drop_fraction_decay!r}."
+      f"`drop_fraction_decay` must be 'cosine' or 'constant', got {drop_fraction_decay!r}."
     )
   if isinstance(grow_init, bool) or not isinstance(grow_init, int | float):
     raise TypeError(f"`grow_init` must be a float, got {grow_init!r}.")
   seed = base.check_int("seed", seed)
   leaf_update = leaf_mask_update or _default_leaf_update
   plan_kwargs = dict(
-      sparsity=sparsity,
-      distribution=distribution,
-      structure=structure,
-      include=include,
-      exclude=exclude,
-      keep_first_dense=keep_first_dense,
-      keep_last_dense=keep_last_dense,
-      overrides=overrides,
-      erk_power_scale=erk_power_scale,
+    sparsity=sparsity,
+    distribution=distribution,
+    structure=structure,
+    include=include,
+    exclude=exclude,
+    keep_first_dense=keep_first_dense,
+    keep_last_dense=keep_last_dense,
+    overrides=overrides,
+    erk_power_scale=erk_power_scale,
   )
   # Fail at construction for argument errors that do not need params.
   for name in ("include", "exclude"):
@@ -433,18 +444,18 @@ def dynamic_sparse(
       else:
         masks.append(structure.random_mask(jax.random.fold_in(key, i), leaf.shape, s))
     return DynamicSparseState(
-        count=jnp.zeros([], jnp.int32),
-        key=key,
-        masks=jax.tree.unflatten(treedef, masks),
-        inner_state=inner.init(params),
-        skipped_updates=jnp.zeros([], jnp.int32),
+      count=jnp.zeros([], jnp.int32),
+      key=key,
+      masks=jax.tree.unflatten(treedef, masks),
+      inner_state=inner.init(params),
+      skipped_updates=jnp.zeros([], jnp.int32),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
     if params is None:
       raise ValueError(
-          "sparsejax DST transformations need `params` in update(grads, state, params): "
-          "they emit updates that keep pruned weights at exactly 0."
+        "sparsejax DST transformations need `params` in update(grads, state, params): "
+        "they emit updates that keep pruned weights at exactly 0."
       )
     paths, grads, treedef = base.flatten_with_paths(updates)
     param_leaves = treedef.flatten_up_to(params)
@@ -453,21 +464,22 @@ def dynamic_sparse(
       raise ValueError("`updates` and `params` have different tree structures.")
     layer_sparsity = sparsities_for(params)
     sparse_idx = [i for i, m in enumerate(mask_leaves) if not base.is_masked_node(m)]
+    sparse_paths = tuple(paths[i] for i in sparse_idx)
     for i in sparse_idx:
       if layer_sparsity[i] is None or mask_leaves[i].shape != grads[i].shape:
         raise ValueError(
-            f"The DST state's masks do not match the params at {paths[i]!r}: mask shape "
-            f"{getattr(mask_leaves[i], 'shape', None)} vs gradient shape {grads[i].shape}. "
-            "Was the optimizer state initialized for a different model?"
+          f"The DST state's masks do not match the params at {paths[i]!r}: mask shape "
+          f"{getattr(mask_leaves[i], 'shape', None)} vs gradient shape {grads[i].shape}. "
+          "Was the optimizer state initialized for a different model?"
         )
 
     def emit(grad_masks, grown, inner_state):
       masked_grads = [
-          g if m is None else jnp.where(m, g, jnp.zeros_like(g))
-          for g, m in zip(grads, grad_masks, strict=True)
+        g if m is None else jnp.where(m, g, jnp.zeros_like(g))
+        for g, m in zip(grads, grad_masks, strict=True)
       ]
       inner_updates, new_inner_state = inner.update(
-          jax.tree.unflatten(treedef, masked_grads), inner_state, params, **extra_args
+        jax.tree.unflatten(treedef, masked_grads), inner_state, params, **extra_args
       )
       inner_leaves = treedef.flatten_up_to(inner_updates)
       out = []
@@ -498,26 +510,28 @@ def dynamic_sparse(
         mask = mask_leaves[i]
         drop_key, grow_key = jax.random.split(jax.random.fold_in(step_key, i))
         ctx = base.ScoreContext(
-            param=param_leaves[i],
-            grad=grads[i],
-            mask=mask,
-            key=drop_key,
-            step=count,
-            path=paths[i],
-            inner_moments=moments[i],
+          param=param_leaves[i],
+          grad=grads[i],
+          mask=mask,
+          key=drop_key,
+          step=count,
+          path=paths[i],
+          inner_moments=moments[i],
         )
         drop_scores = drop_fn(ctx)
         grow_scores = grow_fn(ctx._replace(key=grow_key))
         for name, s in (("drop", drop_scores), ("grow", grow_scores)):
           if s.shape != mask.shape:
             raise ValueError(
-                f"`{name}` criterion returned shape {s.shape} for {paths[i]!r}; expected "
-                f"{mask.shape} (the param's shape)."
+              f"`{name}` criterion returned shape {s.shape} for {paths[i]!r}; expected "
+              f"{mask.shape} (the param's shape)."
             )
         finite = finite & jnp.all(jnp.isfinite(drop_scores)) & jnp.all(jnp.isfinite(grow_scores))
         nnz = jnp.sum(mask, dtype=jnp.int32)
         n_drop = jnp.floor(nnz.astype(jnp.float32) * df).astype(jnp.int32)
-        new, kept = leaf_update(ctx, drop_scores, grow_scores, n_drop, layer_sparsity[i], structure)
+        new, kept = leaf_update(
+            ctx, drop_scores, grow_scores, n_drop, layer_sparsity[i], structure, sparse_paths
+        )
         new_masks[i], kept_masks[i] = new, kept
       # NaN/inf anywhere: leave every mask unchanged and count the skip.
       for i in sparse_idx:
@@ -530,33 +544,40 @@ def dynamic_sparse(
       inner_state = _reset_inner_state(inner, state.inner_state, grown, treedef)
       new_updates, inner_state = emit(grad_masks, grown, inner_state)
       masks_tree = jax.tree.unflatten(treedef, new_masks)
-      return new_updates, masks_tree, inner_state, state.skipped_updates + (~finite).astype(jnp.int32)
+      return (
+        new_updates,
+        masks_tree,
+        inner_state,
+        state.skipped_updates + (~finite).astype(jnp.int32),
+      )
 
     if not sparse_idx:  # nothing is sparse (e.g. sparsity 0): exactly the inner optimizer.
       new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
       return new_updates, state._replace(
-          count=optax.safe_int32_increment(state.count), inner_state=inner_state
+        count=optax.safe_int32_increment(state.count), inner_state=inner_state
       )
 
     do_update = is_mask_update_step(
-        state.count, update_every=update_every, start_step=start_step, end_step=end_step
+      state.count, update_every=update_every, start_step=start_step, end_step=end_step
     )
     new_updates, masks, inner_state, skipped = lax.cond(
-        do_update, mask_update_step, regular_step, None
+      do_update, mask_update_step, regular_step, None
     )
     new_state = DynamicSparseState(
-        count=optax.safe_int32_increment(state.count),
-        key=state.key,
-        masks=masks,
-        inner_state=inner_state,
-        skipped_updates=skipped,
+      count=optax.safe_int32_increment(state.count),
+      key=state.key,
+      masks=masks,
+      inner_state=inner_state,
+      skipped_updates=skipped,
     )
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def static_sparse(inner: optax.GradientTransformation, **kwargs) -> optax.GradientTransformationExtraArgs:
+def static_sparse(
+  inner: optax.GradientTransformation, **kwargs
+) -> optax.GradientTransformationExtraArgs:
   """Static sparse training: a random (structured) mask fixed for the whole run.
 
   Accepts the keywords of :func:`dynamic_sparse`; schedule keywords (``update_every``,
@@ -610,18 +631,14 @@ def find_dst_state(opt_state: Any) -> DynamicSparseState:
   """
   if hasattr(opt_state, "opt_state") and not _is_dst_state(opt_state):
     opt_state = opt_state.opt_state
-  found = [
-      x for x in jax.tree.leaves(opt_state, is_leaf=_is_dst_state) if _is_dst_state(x)
-  ]
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_dst_state) if _is_dst_state(x)]
   if not found:
     raise ValueError(
-        "`opt_state` holds no sparsejax DynamicSparseState: was it created by a sparsejax "
-        "transformation (dynamic_sparse, rigl, set_, srigl, ...)?"
+      "`opt_state` holds no sparsejax DynamicSparseState: was it created by a sparsejax "
+      "transformation (dynamic_sparse, rigl, set_, srigl, ...)?"
     )
   if len(found) > 1:
-    raise ValueError(
-        f"`opt_state` holds {len(found)} sparsejax DST states; pass the one you mean."
-    )
+    raise ValueError(f"`opt_state` holds {len(found)} sparsejax DST states; pass the one you mean.")
   return found[0]
 
 
@@ -639,10 +656,10 @@ def _variable_value(x: Any) -> Any:
 def _mask_leaves(opt_state: Any) -> list[Any]:
   masks = find_dst_state(opt_state).masks
   return [
-      _unwrap(m)
-      for m in jax.tree.leaves(
-          masks, is_leaf=lambda x: base.is_masked_node(x) or isinstance(x, jax.Array)
-      )
+    _unwrap(m)
+    for m in jax.tree.leaves(
+      masks, is_leaf=lambda x: base.is_masked_node(x) or isinstance(x, jax.Array)
+    )
   ]
 
 
@@ -657,18 +674,22 @@ def get_masks(opt_state: Any, params: base.Params | None = None) -> Any:
     A pytree with the params' structure: a bool array for each sparse leaf and ``None``
     for dense leaves.
   """
-  leaves = [None if base.is_masked_node(m) else jnp.asarray(m, bool) for m in _mask_leaves(opt_state)]
+  leaves = [
+    None if base.is_masked_node(m) else jnp.asarray(m, bool) for m in _mask_leaves(opt_state)
+  ]
   if params is None:
     masks = find_dst_state(opt_state).masks
     treedef = jax.tree.structure(
-        jax.tree.map(lambda x: 0, masks, is_leaf=lambda x: base.is_masked_node(x) or isinstance(x, jax.Array))
+      jax.tree.map(
+        lambda x: 0, masks, is_leaf=lambda x: base.is_masked_node(x) or isinstance(x, jax.Array)
+      )
     )
     return _strip_variables(jax.tree.unflatten(treedef, leaves))
   treedef = jax.tree.structure(params)
   if treedef.num_leaves != len(leaves):
     raise ValueError(
-        f"`params` has {treedef.num_leaves} leaves but the DST state has {len(leaves)} masks: "
-        "the optimizer state belongs to a different model."
+      f"`params` has {treedef.num_leaves} leaves but the DST state has {len(leaves)} masks: "
+      "the optimizer state belongs to a different model."
     )
   return _strip_variables(jax.tree.unflatten(treedef, leaves))
 
@@ -680,7 +701,7 @@ def _is_variable_like(x: Any) -> bool:
 def _strip_variables(tree: Any) -> Any:
   """Replaces NNX Variable nodes by their content, so masks are plain arrays / None."""
   return jax.tree.map(
-      lambda x: _variable_value(x) if _is_variable_like(x) else x, tree, is_leaf=_is_variable_like
+    lambda x: _variable_value(x) if _is_variable_like(x) else x, tree, is_leaf=_is_variable_like
   )
 
 
@@ -701,8 +722,8 @@ def apply_masks(params: base.Params, opt_state: Any) -> base.Params:
   masks = _mask_leaves(opt_state)
   if len(masks) != len(leaves):
     raise ValueError(
-        f"`params` has {len(leaves)} leaves but the DST state has {len(masks)} masks: the "
-        "optimizer state belongs to a different model."
+      f"`params` has {len(leaves)} leaves but the DST state has {len(masks)} masks: the "
+      "optimizer state belongs to a different model."
     )
   out = []
   for path, leaf, mask in zip(paths, leaves, masks, strict=True):
@@ -711,7 +732,7 @@ def apply_masks(params: base.Params, opt_state: Any) -> base.Params:
       continue
     if mask.shape != leaf.shape:
       raise ValueError(
-          f"Mask shape {mask.shape} does not match param {path!r} of shape {leaf.shape}."
+        f"Mask shape {mask.shape} does not match param {path!r} of shape {leaf.shape}."
       )
     out.append(jnp.where(mask, leaf, jnp.zeros_like(leaf)))
   return jax.tree.unflatten(treedef, out)
@@ -742,11 +763,11 @@ def summarize(params: base.Params, opt_state: Any | None = None) -> dict[str, An
     nnz = int(jnp.count_nonzero(leaf))
     is_sparse = (not base.is_masked_node(mask)) if opt_state is not None else leaf.ndim > 1
     entry = {
-        "shape": tuple(leaf.shape),
-        "size": size,
-        "nnz": nnz,
-        "sparsity": 1.0 - nnz / size if size else 0.0,
-        "sparse": bool(is_sparse),
+      "shape": tuple(leaf.shape),
+      "size": size,
+      "nnz": nnz,
+      "sparsity": 1.0 - nnz / size if size else 0.0,
+      "sparse": bool(is_sparse),
     }
     if opt_state is not None and is_sparse:
       entry["mask_nnz"] = int(jnp.count_nonzero(mask))
@@ -757,13 +778,13 @@ def summarize(params: base.Params, opt_state: Any | None = None) -> dict[str, An
       sp += size
       sp_nnz += nnz
   return {
-      "layers": layers,
-      "total_size": tot,
-      "total_nnz": tot_nnz,
-      "total_sparsity": 1.0 - tot_nnz / tot if tot else 0.0,
-      "sparse_size": sp,
-      "sparse_nnz": sp_nnz,
-      "sparse_sparsity": 1.0 - sp_nnz / sp if sp else 0.0,
+    "layers": layers,
+    "total_size": tot,
+    "total_nnz": tot_nnz,
+    "total_sparsity": 1.0 - tot_nnz / tot if tot else 0.0,
+    "sparse_size": sp,
+    "sparse_nnz": sp_nnz,
+    "sparse_sparsity": 1.0 - sp_nnz / sp if sp else 0.0,
   }
 
 
@@ -772,15 +793,15 @@ def format_summary(summary: dict[str, Any]) -> str:
   rows = [f"{'layer':<40} {'shape':<20} {'nnz':>10} {'size':>10} {'sparsity':>9}"]
   for path, e in summary["layers"].items():
     rows.append(
-        f"{path:<40} {str(e['shape']):<20} {e['nnz']:>10} {e['size']:>10} {e['sparsity']:>9.4f}"
+      f"{path:<40} {str(e['shape']):<20} {e['nnz']:>10} {e['size']:>10} {e['sparsity']:>9.4f}"
     )
   rows.append(
-      f"{'total':<40} {'':<20} {summary['total_nnz']:>10} {summary['total_size']:>10} "
-      f"{summary['total_sparsity']:>9.4f}"
+    f"{'total':<40} {'':<20} {summary['total_nnz']:>10} {summary['total_size']:>10} "
+    f"{summary['total_sparsity']:>9.4f}"
   )
   rows.append(
-      f"{'sparse layers':<40} {'':<20} {summary['sparse_nnz']:>10} {summary['sparse_size']:>10} "
-      f"{summary['sparse_sparsity']:>9.4f}"
+    f"{'sparse layers':<40} {'':<20} {summary['sparse_nnz']:>10} {summary['sparse_size']:>10} "
+    f"{summary['sparse_sparsity']:>9.4f}"
   )
   return "\n".join(rows)
 
@@ -796,17 +817,17 @@ def layer_sparsities(params: base.Params, **kwargs) -> dict[str, float | None]:
 
 
 __all__ = (
-    "DynamicSparseState",
-    "dynamic_sparse",
-    "static_sparse",
-    "set_",
-    "rigl",
-    "apply_masks",
-    "get_masks",
-    "summarize",
-    "format_summary",
-    "find_dst_state",
-    "plan_sparsity",
-    "layer_sparsities",
-    "is_mask_update_step",
+  "DynamicSparseState",
+  "dynamic_sparse",
+  "static_sparse",
+  "set_",
+  "rigl",
+  "apply_masks",
+  "get_masks",
+  "summarize",
+  "format_summary",
+  "find_dst_state",
+  "plan_sparsity",
+  "layer_sparsities",
+  "is_mask_update_step",
 )
