@@ -5,11 +5,25 @@ Implementation lives in private modules under ``sparsejax._src``; do not import 
 """
 
 from sparsejax._src.base import ScoreContext as ScoreContext
+from sparsejax._src.condensed import Condensed as Condensed
+from sparsejax._src.condensed import NotConstantFanInError as NotConstantFanInError
+from sparsejax._src.condensed import condense as condense
+from sparsejax._src.condensed import condensed_matmul as condensed_matmul
+from sparsejax._src.condensed import condensed_nbytes as condensed_nbytes
+from sparsejax._src.condensed import select_condensed_method as select_condensed_method
+from sparsejax._src.condensed import uncondense as uncondense
+from sparsejax._src.condensed_layers import CondensedBuffer as CondensedBuffer
+from sparsejax._src.condensed_layers import CondensedDense as CondensedDense
+from sparsejax._src.condensed_layers import condense_params as condense_params
+from sparsejax._src.condensed_layers import condensed_dense_apply as condensed_dense_apply
+from sparsejax._src.condensed_native import (  # noqa: F401
+  native_available as condensed_native_available,
+)
 from sparsejax._src.criteria import get_criterion as get_criterion
 from sparsejax._src.criteria import gradient_magnitude as gradient_magnitude
 from sparsejax._src.criteria import magnitude as magnitude
 from sparsejax._src.criteria import momentum_magnitude as momentum_magnitude
-from sparsejax._src.criteria import random as random_scores
+from sparsejax._src.criteria import random_scores as random_scores
 from sparsejax._src.criteria import register_criterion as register_criterion
 from sparsejax._src.criteria import registered_criteria as registered_criteria
 from sparsejax._src.distributions import erdos_renyi as erdos_renyi
@@ -27,9 +41,37 @@ from sparsejax._src.dst import rigl as rigl
 from sparsejax._src.dst import set_ as set_
 from sparsejax._src.dst import static_sparse as static_sparse
 from sparsejax._src.dst import summarize as summarize
+from sparsejax._src.nm_format import NMSparse as NMSparse
+from sparsejax._src.nm_format import index_bits as index_bits
+from sparsejax._src.nm_format import is_nm_sparse as is_nm_sparse
+from sparsejax._src.nm_format import make_nm_sparse as make_nm_sparse
+from sparsejax._src.nm_format import nm_compress as nm_compress
+from sparsejax._src.nm_format import nm_decompress as nm_decompress
+from sparsejax._src.nm_format import nm_mask as nm_mask
+from sparsejax._src.nm_format import nm_nbytes as nm_nbytes
+from sparsejax._src.nm_format import nm_take as nm_take
+from sparsejax._src.nm_format import pack_indices as pack_indices
+from sparsejax._src.nm_format import unpack_indices as unpack_indices
+from sparsejax._src.nm_kernels import nm_matmul as nm_matmul
+from sparsejax._src.nm_kernels import nm_matmul_dense_grad as nm_matmul_dense_grad
+from sparsejax._src.nm_kernels import nm_matmul_reference as nm_matmul_reference
+from sparsejax._src.nm_layers import NM_INDICES_COLLECTION as NM_INDICES_COLLECTION
+from sparsejax._src.nm_layers import NMDense as NMDense
+from sparsejax._src.nm_layers import NMDenseLinen as NMDenseLinen
+from sparsejax._src.nm_layers import NMIndices as NMIndices
+from sparsejax._src.nm_layers import nm_dense_from_kernel as nm_dense_from_kernel
+from sparsejax._src.nm_layers import nm_dense_linen_variables as nm_dense_linen_variables
 from sparsejax._src.selection import drop_and_grow as drop_and_grow
 from sparsejax._src.selection import grouped_drop_and_grow as grouped_drop_and_grow
 from sparsejax._src.selection import topk_mask as topk_mask
+from sparsejax._src.sr_ste import NMSRSTEState as NMSRSTEState
+from sparsejax._src.sr_ste import default_nm_filter as default_nm_filter
+from sparsejax._src.sr_ste import mdgf_schedule as mdgf_schedule
+from sparsejax._src.sr_ste import nm_project as nm_project
+from sparsejax._src.sr_ste import nm_sr_ste as nm_sr_ste
+from sparsejax._src.sr_ste import nm_ste as nm_ste
+from sparsejax._src.sr_ste import sdgf_patterns as sdgf_patterns
+from sparsejax._src.sr_ste import sdgf_schedule as sdgf_schedule
 from sparsejax._src.srigl import active_neurons as active_neurons
 from sparsejax._src.srigl import fan_in_counts as fan_in_counts
 from sparsejax._src.srigl import neurons_to_ablate as neurons_to_ablate

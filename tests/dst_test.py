@@ -62,13 +62,13 @@ def _assert_pruned_zero(params, state):
 
 
 INNER_OPTIMIZERS = {
-    "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
-    "adam": lambda: optax.adam(1e-2),
-    "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
-    "rmsprop": lambda: optax.rmsprop(1e-2),
-    "chain_clip_adam": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
-    "inject_hyperparams_adam": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
-    "multisteps_adam": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
+  "sgd_momentum": lambda: optax.sgd(0.1, momentum=0.9),
+  "adam": lambda: optax.adam(1e-2),
+  "adamw": lambda: optax.adamw(1e-2, weight_decay=1e-2),
+  "rmsprop": lambda: optax.rmsprop(1e-2),
+  "chain_clip_adam": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
+  "inject_hyperparams_adam": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
+  "multisteps_adam": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
 }
 
 
@@ -125,26 +125,45 @@ GRAD = jnp.array([[0.3, 9.0, 0.7, 9.0], [0.8, 9.0, 0.1, 0.75]])
 def test_rigl_hand_worked():
   # 5 active, drop_fraction 0.4 -> n_drop = floor(2.0) = 2: drop |w| = 0.05 (1,2) and 0.1
   # (0,0). Grow 2 by |grad| among the 5 non-kept positions: (1,0)=0.8 and (1,3)=0.75.
-  tx = sj.rigl(optax.sgd(0.0), sparsity=0.5, distribution="uniform", update_every=1,
-               end_step=10, drop_fraction=0.4, drop_fraction_decay="constant")
+  tx = sj.rigl(
+    optax.sgd(0.0),
+    sparsity=0.5,
+    distribution="uniform",
+    update_every=1,
+    end_step=10,
+    drop_fraction=0.4,
+    drop_fraction_decay="constant",
+  )
   params = {"w": W}
   state = _set_state(tx, params, MASK, count=1)
   updates, new_state = tx.update({"w": GRAD}, state, params)
   expected = np.array([[0, 1, 0, 1], [1, 1, 0, 1]], bool)
   np.testing.assert_array_equal(new_state.masks["w"], expected)
   new_params = optax.apply_updates(params, updates)
-  np.testing.assert_array_equal(new_params["w"], np.array([[0, -0.5, 0, 0.9], [0, 0.2, 0, 0]], np.float32))
+  np.testing.assert_array_equal(
+    new_params["w"], np.array([[0, -0.5, 0, 0.9], [0, 0.2, 0, 0]], np.float32)
+  )
 
 
 def test_set_hand_worked_drop_and_documented_random_growth():
-  tx = sj.set_(optax.sgd(0.0), sparsity=0.5, distribution="uniform", update_every=1,
-               end_step=10, drop_fraction=0.4, drop_fraction_decay="constant", seed=3)
+  tx = sj.set_(
+    optax.sgd(0.0),
+    sparsity=0.5,
+    distribution="uniform",
+    update_every=1,
+    end_step=10,
+    drop_fraction=0.4,
+    drop_fraction_decay="constant",
+    seed=3,
+  )
   params = {"w": W}
   state = _set_state(tx, params, MASK, count=1)
   _, new_state = tx.update({"w": GRAD}, state, params)
   # Documented key derivation: update t of leaf i uses fold_in(fold_in(key, t), i), split
   # into (drop_key, grow_key); SET grows the top uniform(grow_key) scores.
-  _, grow_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), 1), 0))
+  _, grow_key = jax.random.split(
+    jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), 1), 0)
+  )
   scores = np.asarray(jax.random.uniform(grow_key, (2, 4)))
   kept = np.array([[0, 1, 0, 1], [0, 1, 0, 0]], bool)  # drop (1,2)=0.05 and (0,0)=0.1
   cand = np.where(~kept, scores, -1).reshape(-1)
@@ -157,8 +176,14 @@ def test_set_hand_worked_drop_and_documented_random_growth():
 @pytest.mark.parametrize("inner_name", ["adam", "sgd_momentum"])
 def test_update_invariants_and_state_reset(method, inner_name):
   inner = {"adam": optax.adam(1e-2), "sgd_momentum": optax.sgd(1e-2, momentum=0.9)}[inner_name]
-  tx = getattr(sj, method)(inner, sparsity=0.7, update_every=2, end_step=100,
-                           drop_fraction=0.5, drop_fraction_decay="constant")
+  tx = getattr(sj, method)(
+    inner,
+    sparsity=0.7,
+    update_every=2,
+    end_step=100,
+    drop_fraction=0.5,
+    drop_fraction_decay="constant",
+  )
   params, state = _train(tx, 3)  # step 2 was an update; now at count 3: train to 4 (update)
   x, y = _data(7)
   grads = jax.grad(_loss)(params, x, y)
@@ -188,7 +213,10 @@ def test_update_invariants_and_state_reset(method, inner_name):
         smaller_survivors = np.abs(w_old[survivors]) < d
         # a survivor with smaller |w| must have been dropped-then-regrown: its |grad| is
         # at least as large as that of any non-grown candidate, e.g. this dropped weight.
-        assert np.all(g[survivors][smaller_survivors] >= g[dropped].max() - 1e-12) or not smaller_survivors.any()
+        assert (
+          np.all(g[survivors][smaller_survivors] >= g[dropped].max() - 1e-12)
+          or not smaller_survivors.any()
+        )
       # every grown score >= every non-grown, non-kept candidate's score
       non_grown = ~new
       if grown.any():
@@ -196,9 +224,11 @@ def test_update_invariants_and_state_reset(method, inner_name):
     # inner-optimizer state is 0 at newly grown positions, untouched elsewhere
     inner_state = new_state.inner_state
     leaves = [
-        leaf[name]["kernel"]
-        for leaf in jax.tree.leaves(inner_state, is_leaf=lambda t: isinstance(t, dict) and "layer0" in t)
-        if isinstance(leaf, dict)
+      leaf[name]["kernel"]
+      for leaf in jax.tree.leaves(
+        inner_state, is_leaf=lambda t: isinstance(t, dict) and "layer0" in t
+      )
+      if isinstance(leaf, dict)
     ]
     assert leaves, "no param-shaped inner state found"
     for moment in leaves:
@@ -206,16 +236,28 @@ def test_update_invariants_and_state_reset(method, inner_name):
 
 
 def test_updates_happen_exactly_at_documented_steps():
-  tx = sj.set_(optax.sgd(0.1), sparsity=0.8, update_every=3, start_step=2, end_step=14,
-               drop_fraction_decay="constant")
+  tx = sj.set_(
+    optax.sgd(0.1),
+    sparsity=0.8,
+    update_every=3,
+    start_step=2,
+    end_step=14,
+    drop_fraction_decay="constant",
+  )
   expected = [t for t in range(20) if 2 < t < 14 and (t - 2) % 3 == 0]
   assert expected == [5, 8, 11]
-  got = [t for t in range(20) if bool(sj.is_mask_update_step(t, update_every=3, start_step=2, end_step=14))]
+  got = [
+    t
+    for t in range(20)
+    if bool(sj.is_mask_update_step(t, update_every=3, start_step=2, end_step=14))
+  ]
   assert got == expected
   changed = []
 
   def check(params, old, new):
-    if not np.array_equal(sj.get_masks(old)["layer0"]["kernel"], sj.get_masks(new)["layer0"]["kernel"]):
+    if not np.array_equal(
+      sj.get_masks(old)["layer0"]["kernel"], sj.get_masks(new)["layer0"]["kernel"]
+    ):
       changed.append(int(old.count))
 
   _train(tx, 20, check=check)
@@ -223,8 +265,15 @@ def test_updates_happen_exactly_at_documented_steps():
 
 
 def test_drop_fraction_follows_cosine_formula():
-  tx = sj.rigl(optax.sgd(0.0), sparsity=0.5, distribution="uniform", update_every=10,
-               start_step=0, end_step=100, drop_fraction=0.3)
+  tx = sj.rigl(
+    optax.sgd(0.0),
+    sparsity=0.5,
+    distribution="uniform",
+    update_every=10,
+    start_step=0,
+    end_step=100,
+    drop_fraction=0.3,
+  )
   params = {"w": jax.random.normal(jax.random.PRNGKey(0), (40, 50))}
   state = tx.init(params)
   for t in (10, 50, 90):
@@ -284,8 +333,9 @@ def test_custom_grow_criterion_by_value_and_by_name():
   sj.register_criterion("test_momentum_plus_grad", grow_by_momentum, overwrite=True)
   results = []
   for grow in (grow_by_momentum, "test_momentum_plus_grad"):
-    tx = sj.dynamic_sparse(optax.sgd(0.1, momentum=0.9), sparsity=0.8, grow=grow,
-                           update_every=2, end_step=20)
+    tx = sj.dynamic_sparse(
+      optax.sgd(0.1, momentum=0.9), sparsity=0.8, grow=grow, update_every=2, end_step=20
+    )
     _, state = _train(tx, 5)
     results.append(np.asarray(state.masks["layer0"]["kernel"]))
   np.testing.assert_array_equal(results[0], results[1])
@@ -314,14 +364,22 @@ def test_composes_with_apply_if_finite():
 
 def test_keep_first_and_last_dense_and_overrides():
   params = _params(sizes=((12, 16), (16, 16), (16, 8)))
-  plan = sj.layer_sparsities(params, sparsity=0.8, distribution="uniform",
-                             keep_first_dense=True, keep_last_dense=True)
+  plan = sj.layer_sparsities(
+    params, sparsity=0.8, distribution="uniform", keep_first_dense=True, keep_last_dense=True
+  )
   assert plan["layer0/kernel"] is None and plan["layer2/kernel"] is None
   assert plan["layer1/kernel"] == 0.8 and plan["layer1/bias"] is None
-  plan = sj.layer_sparsities(params, sparsity=0.8, distribution="uniform",
-                             overrides={"layer2": 0.5, "layer0": 0.0})
-  assert plan == {"layer0/bias": None, "layer0/kernel": None, "layer1/bias": None,
-                  "layer1/kernel": 0.8, "layer2/bias": None, "layer2/kernel": 0.5}
+  plan = sj.layer_sparsities(
+    params, sparsity=0.8, distribution="uniform", overrides={"layer2": 0.5, "layer0": 0.0}
+  )
+  assert plan == {
+    "layer0/bias": None,
+    "layer0/kernel": None,
+    "layer1/bias": None,
+    "layer1/kernel": 0.8,
+    "layer2/bias": None,
+    "layer2/kernel": 0.5,
+  }
 
 
 def test_summarize_reports_exact_counts():
@@ -337,22 +395,26 @@ def test_summarize_reports_exact_counts():
 
 
 BAD_INPUTS = [
-    (dict(sparsity=1.0, end_step=10), ValueError, "sparsity"),
-    (dict(sparsity=-0.1, end_step=10), ValueError, "sparsity"),
-    (dict(sparsity="0.9", end_step=10), TypeError, "sparsity"),
-    (dict(sparsity=0.9, end_step=10, drop_fraction=1.5), ValueError, "drop_fraction"),
-    (dict(sparsity=0.9, end_step=10, drop_fraction=-0.1), ValueError, "drop_fraction"),
-    (dict(sparsity=0.9, start_step=10, end_step=10), ValueError, "end_step"),
-    (dict(sparsity=0.9, end_step=10, update_every=0), ValueError, "update_every"),
-    (dict(sparsity=0.9), ValueError, "end_step"),
-    (dict(sparsity=0.9, end_step=10, grow="no_such_rule"), ValueError, "grow"),
-    (dict(sparsity=0.9, end_step=10, drop="no_such_rule"), ValueError, "drop"),
-    (dict(sparsity=0.9, end_step=10, grow=lambda a, b: a), TypeError, "grow"),
-    (dict(sparsity=0.9, end_step=10, distribution="gaussian"), ValueError, "distribution"),
-    (dict(sparsity=0.9, end_step=10, drop_fraction_decay="linear"), ValueError, "drop_fraction_decay"),
-    (dict(sparsity=0.9, end_step=10, structure="nm:4:2"), ValueError, "n"),
-    (dict(sparsity=0.9, end_step=10, structure="diagonal"), ValueError, "structure"),
-    (dict(sparsity=0.9, end_step=10, exclude="("), ValueError, "exclude"),
+  (dict(sparsity=1.0, end_step=10), ValueError, "sparsity"),
+  (dict(sparsity=-0.1, end_step=10), ValueError, "sparsity"),
+  (dict(sparsity="0.9", end_step=10), TypeError, "sparsity"),
+  (dict(sparsity=0.9, end_step=10, drop_fraction=1.5), ValueError, "drop_fraction"),
+  (dict(sparsity=0.9, end_step=10, drop_fraction=-0.1), ValueError, "drop_fraction"),
+  (dict(sparsity=0.9, start_step=10, end_step=10), ValueError, "end_step"),
+  (dict(sparsity=0.9, end_step=10, update_every=0), ValueError, "update_every"),
+  (dict(sparsity=0.9), ValueError, "end_step"),
+  (dict(sparsity=0.9, end_step=10, grow="no_such_rule"), ValueError, "grow"),
+  (dict(sparsity=0.9, end_step=10, drop="no_such_rule"), ValueError, "drop"),
+  (dict(sparsity=0.9, end_step=10, grow=lambda a, b: a), TypeError, "grow"),
+  (dict(sparsity=0.9, end_step=10, distribution="gaussian"), ValueError, "distribution"),
+  (
+    dict(sparsity=0.9, end_step=10, drop_fraction_decay="linear"),
+    ValueError,
+    "drop_fraction_decay",
+  ),
+  (dict(sparsity=0.9, end_step=10, structure="nm:4:2"), ValueError, "n"),
+  (dict(sparsity=0.9, end_step=10, structure="diagonal"), ValueError, "structure"),
+  (dict(sparsity=0.9, end_step=10, exclude="("), ValueError, "exclude"),
 ]
 
 
@@ -364,14 +426,18 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, word):
 
 
 BAD_INIT = [
-    (dict(sparsity=0.9, end_step=10, overrides={"no_such_layer": 0.5}), "overrides"),
-    (dict(sparsity=0.9, end_step=10, overrides={"layer0": 1.5}), "overrides"),
-    (dict(sparsity=0.9, end_step=10, distribution=lambda shapes, s, overrides: {p: 1.0 for p in shapes}),
-     "cannot reach"),
-    (dict(sparsity=0.9, end_step=10, structure=sj.NM(2, 4)), "conflicts"),
-    (dict(end_step=10, structure=sj.NM(2, 5)), "not divisible"),
-    (dict(sparsity=0.999, end_step=10, structure=sj.ConstantFanIn()), "fan-in"),
-    (dict(sparsity=0.9, end_step=10, include="no_match"), "No parameter leaf"),
+  (dict(sparsity=0.9, end_step=10, overrides={"no_such_layer": 0.5}), "overrides"),
+  (dict(sparsity=0.9, end_step=10, overrides={"layer0": 1.5}), "overrides"),
+  (
+    dict(
+      sparsity=0.9, end_step=10, distribution=lambda shapes, s, overrides: {p: 1.0 for p in shapes}
+    ),
+    "cannot reach",
+  ),
+  (dict(sparsity=0.9, end_step=10, structure=sj.NM(2, 4)), "conflicts"),
+  (dict(end_step=10, structure=sj.NM(2, 5)), "not divisible"),
+  (dict(sparsity=0.999, end_step=10, structure=sj.ConstantFanIn()), "fan-in"),
+  (dict(sparsity=0.9, end_step=10, include="no_match"), "No parameter leaf"),
 ]
 
 

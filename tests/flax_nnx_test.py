@@ -1,7 +1,6 @@
 """DST through flax.nnx.Optimizer: an NNX MLP trained a few steps stays exactly sparse."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

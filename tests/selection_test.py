@@ -58,14 +58,16 @@ def test_topk_along_axis_with_per_slice_counts():
   k = jnp.array([[2, 0, 1]])  # per column
   got = sj.topk_mask(scores, k, axis=0)
   expected = np.array(
-      [[True, False, True], [True, False, False], [False, False, False], [False, False, False]]
+    [[True, False, True], [True, False, False], [False, False, False], [False, False, False]]
   )
   np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize(
-    "shape,density,drop_fraction",
-    list(itertools.product([(8,), (5, 7), (3, 4, 6), (2, 3, 3, 8)], [0.1, 0.5, 0.9], [0.0, 0.3, 1.0])),
+  "shape,density,drop_fraction",
+  list(
+    itertools.product([(8,), (5, 7), (3, 4, 6), (2, 3, 3, 8)], [0.1, 0.5, 0.9], [0.0, 0.3, 1.0])
+  ),
 )
 def test_drop_and_grow_invariants(shape, density, drop_fraction):
   key = jax.random.PRNGKey(hash((shape, density, drop_fraction)) % 2**31)

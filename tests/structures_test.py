@@ -12,9 +12,9 @@ import sparsejax as sj
 def _params(seed=0):
   k = jax.random.split(jax.random.PRNGKey(seed), 3)
   return {
-      "conv": {"kernel": jax.random.normal(k[0], (3, 3, 8, 8)), "bias": jnp.zeros(8)},
-      "dense": {"kernel": jax.random.normal(k[1], (72, 16)), "bias": jnp.zeros(16)},
-      "out": {"kernel": jax.random.normal(k[2], (16, 4)), "bias": jnp.zeros(4)},
+    "conv": {"kernel": jax.random.normal(k[0], (3, 3, 8, 8)), "bias": jnp.zeros(8)},
+    "dense": {"kernel": jax.random.normal(k[1], (72, 16)), "bias": jnp.zeros(16)},
+    "out": {"kernel": jax.random.normal(k[2], (16, 4)), "bias": jnp.zeros(4)},
   }
 
 
@@ -49,8 +49,13 @@ def _nm_counts(mask, m):
 @pytest.mark.parametrize("method", ["static_sparse", "set_", "rigl", "srigl"])
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (2, 8)])
 def test_nm_groups_keep_exactly_n_after_every_update(method, n, m):
-  kwargs = dict(structure=sj.NM(n, m), update_every=1, end_step=100, drop_fraction=0.5,
-                drop_fraction_decay="constant")
+  kwargs = dict(
+    structure=sj.NM(n, m),
+    update_every=1,
+    end_step=100,
+    drop_fraction=0.5,
+    drop_fraction_decay="constant",
+  )
   tx = getattr(sj, method)(optax.sgd(0.1, momentum=0.9), **kwargs)
   changed = []
 
@@ -67,8 +72,14 @@ def test_nm_groups_keep_exactly_n_after_every_update(method, n, m):
 
 @pytest.mark.parametrize("method", ["static_sparse", "set_", "rigl"])
 def test_constant_fan_in_in_every_method(method):
-  tx = getattr(sj, method)(optax.adam(1e-2), sparsity=0.8, distribution="uniform",
-                           structure="fan_in", update_every=1, end_step=100)
+  tx = getattr(sj, method)(
+    optax.adam(1e-2),
+    sparsity=0.8,
+    distribution="uniform",
+    structure="fan_in",
+    update_every=1,
+    end_step=100,
+  )
 
   def check(old, new, params, new_params, grads):
     for name, shape in (("conv", (3, 3, 8, 8)), ("dense", (72, 16)), ("out", (16, 4))):
@@ -101,12 +112,21 @@ def _srigl_layer_setup(weak, grad_scale=1e-6, weight_scale=1e-6):
 
 def test_srigl_ablates_a_planted_weak_neuron_and_revives_it():
   weak = (3, 11)
-  params = {"dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (72, 16))},
-            "out": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (16, 4))}}
+  params = {
+    "dense": {"kernel": jax.random.normal(jax.random.PRNGKey(0), (72, 16))},
+    "out": {"kernel": jax.random.normal(jax.random.PRNGKey(1), (16, 4))},
+  }
   params["dense"]["kernel"] = params["dense"]["kernel"].at[:, weak].multiply(1e-6)
-  tx = sj.srigl(optax.sgd(0.1, momentum=0.9), sparsity=0.8, distribution="uniform",
-                update_every=1, end_step=100, drop_fraction=0.3, drop_fraction_decay="constant",
-                gamma_sal=0.3)
+  tx = sj.srigl(
+    optax.sgd(0.1, momentum=0.9),
+    sparsity=0.8,
+    distribution="uniform",
+    update_every=1,
+    end_step=100,
+    drop_fraction=0.3,
+    drop_fraction_decay="constant",
+    gamma_sal=0.3,
+  )
   state = tx.init(params)
   params = sj.apply_masks(params, state)
   grads = _grads(params, 5)
@@ -138,8 +158,15 @@ def test_srigl_ablates_a_planted_weak_neuron_and_revives_it():
 
 
 def test_srigl_invariants_over_updates_conv_and_dense():
-  tx = sj.srigl(optax.adam(1e-2), sparsity=0.9, distribution="uniform", update_every=1,
-                end_step=100, drop_fraction=0.3, drop_fraction_decay="constant")
+  tx = sj.srigl(
+    optax.adam(1e-2),
+    sparsity=0.9,
+    distribution="uniform",
+    update_every=1,
+    end_step=100,
+    drop_fraction=0.3,
+    drop_fraction_decay="constant",
+  )
 
   def check(old, new, params, new_params, grads):
     for name in ("conv", "dense", "out"):

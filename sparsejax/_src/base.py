@@ -111,8 +111,8 @@ def check_callable(name: str, fn: Any, n_args: int) -> Callable[..., Any]:
     inspect.signature(fn).bind(*([None] * n_args))
   except TypeError as e:
     raise TypeError(
-        f"`{name}` must accept exactly {n_args} positional argument(s); "
-        f"{getattr(fn, '__name__', fn)!r} has signature {inspect.signature(fn)}: {e}"
+      f"`{name}` must accept exactly {n_args} positional argument(s); "
+      f"{getattr(fn, '__name__', fn)!r} has signature {inspect.signature(fn)}: {e}"
     ) from None
   except ValueError:  # builtins without a signature: accept.
     pass

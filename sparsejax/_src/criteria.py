@@ -34,7 +34,7 @@ def gradient_magnitude(ctx: base.ScoreContext) -> jax.Array:
   return jnp.abs(ctx.grad)
 
 
-def random(ctx: base.ScoreContext) -> jax.Array:
+def random_scores(ctx: base.ScoreContext) -> jax.Array:
   """Uniform random scores from ``ctx.key``: the SET grow criterion (Mocanu et al. 2018)."""
   return jax.random.uniform(ctx.key, ctx.param.shape, jnp.float32)
 
@@ -47,19 +47,19 @@ def momentum_magnitude(ctx: base.ScoreContext) -> jax.Array:
   """
   if not ctx.inner_moments:
     raise ValueError(
-        f"criterion 'momentum_magnitude' needs an inner optimizer with a param-shaped state "
-        f"(momentum, Adam); leaf {ctx.path!r} has none."
+      f"criterion 'momentum_magnitude' needs an inner optimizer with a param-shaped state "
+      f"(momentum, Adam); leaf {ctx.path!r} has none."
     )
   return jnp.abs(ctx.inner_moments[0]).astype(jnp.float32)
 
 
 _REGISTRY: dict[str, Criterion] = {
-    "magnitude": magnitude,
-    "gradient": gradient_magnitude,
-    "gradient_magnitude": gradient_magnitude,
-    "random": random,
-    "momentum": momentum_magnitude,
-    "momentum_magnitude": momentum_magnitude,
+  "magnitude": magnitude,
+  "gradient": gradient_magnitude,
+  "gradient_magnitude": gradient_magnitude,
+  "random": random_scores,
+  "momentum": momentum_magnitude,
+  "momentum_magnitude": momentum_magnitude,
 }
 
 
@@ -83,7 +83,7 @@ def register_criterion(name: str, fn: Criterion, *, overwrite: bool = False) -> 
   base.check_callable("fn", fn, 1)
   if name in _REGISTRY and _REGISTRY[name] is not fn and not overwrite:
     raise ValueError(
-        f"criterion name {name!r} is already registered; pass overwrite=True to replace it."
+      f"criterion name {name!r} is already registered; pass overwrite=True to replace it."
     )
   _REGISTRY[name] = fn
   return fn
@@ -94,8 +94,8 @@ def get_criterion(criterion: str | Criterion, *, argname: str = "criterion") -> 
   if isinstance(criterion, str):
     if criterion not in _REGISTRY:
       raise ValueError(
-          f"Unknown `{argname}` criterion {criterion!r}; registered: {sorted(_REGISTRY)}. "
-          "Register your own with sparsejax.register_criterion(name, fn)."
+        f"Unknown `{argname}` criterion {criterion!r}; registered: {sorted(_REGISTRY)}. "
+        "Register your own with sparsejax.register_criterion(name, fn)."
       )
     return _REGISTRY[criterion]
   return base.check_callable(argname, criterion, 1)

@@ -28,7 +28,7 @@ Distribution = Callable[..., dict[str, float]]
 
 
 def uniform(
-    shapes: Shapes, sparsity: float, *, overrides: Mapping[str, float] | None = None
+  shapes: Shapes, sparsity: float, *, overrides: Mapping[str, float] | None = None
 ) -> dict[str, float]:
   """Every layer gets ``sparsity``, except those in ``overrides``.
 
@@ -45,11 +45,11 @@ def uniform(
 
 
 def _erdos_renyi_family(
-    shapes: Shapes,
-    sparsity: float,
-    raw_density: Callable[[Sequence[int]], float],
-    overrides: Mapping[str, float] | None,
-    name: str,
+  shapes: Shapes,
+  sparsity: float,
+  raw_density: Callable[[Sequence[int]], float],
+  overrides: Mapping[str, float] | None,
+  name: str,
 ) -> dict[str, float]:
   overrides = dict(overrides or {})
   distributed = [p for p in shapes if p not in overrides]
@@ -69,9 +69,9 @@ def _erdos_renyi_family(
     if divisor == 0.0:
       if rhs < 0 or (sparsity > 0 and distributed):
         raise ValueError(
-            f"distribution={name!r} cannot reach sparsity={sparsity}: every distributed "
-            f"layer would have to be dense ({sorted(dense)}). Lower `sparsity`, use "
-            "distribution='uniform', or change `overrides`."
+          f"distribution={name!r} cannot reach sparsity={sparsity}: every distributed "
+          f"layer would have to be dense ({sorted(dense)}). Lower `sparsity`, use "
+          "distribution='uniform', or change `overrides`."
         )
       break
     eps = rhs / divisor
@@ -91,14 +91,14 @@ def _erdos_renyi_family(
       out[p] = float(1.0 - eps * raw[p])
       if out[p] >= 1.0:
         raise ValueError(
-            f"distribution={name!r} cannot reach sparsity={sparsity}: layer {p!r} would "
-            f"need sparsity {out[p]:.4f} >= 1 (the dense layers take the whole budget)."
+          f"distribution={name!r} cannot reach sparsity={sparsity}: layer {p!r} would "
+          f"need sparsity {out[p]:.4f} >= 1 (the dense layers take the whole budget)."
         )
   return out
 
 
 def erdos_renyi(
-    shapes: Shapes, sparsity: float, *, overrides: Mapping[str, float] | None = None
+  shapes: Shapes, sparsity: float, *, overrides: Mapping[str, float] | None = None
 ) -> dict[str, float]:
   """Erdős–Rényi distribution: density ∝ (n_in + n_out) / (n_in · n_out).
 
@@ -128,11 +128,11 @@ def erdos_renyi(
 
 
 def erk(
-    shapes: Shapes,
-    sparsity: float,
-    *,
-    overrides: Mapping[str, float] | None = None,
-    power_scale: float = 1.0,
+  shapes: Shapes,
+  sparsity: float,
+  *,
+  overrides: Mapping[str, float] | None = None,
+  power_scale: float = 1.0,
 ) -> dict[str, float]:
   """Erdős–Rényi-Kernel: density ∝ (sum(shape) / prod(shape)) ** power_scale.
 
@@ -161,10 +161,10 @@ def erk(
 
 
 DISTRIBUTIONS: dict[str, Distribution] = {
-    "uniform": uniform,
-    "erdos_renyi": erdos_renyi,
-    "er": erdos_renyi,
-    "erk": erk,
+  "uniform": uniform,
+  "erdos_renyi": erdos_renyi,
+  "er": erdos_renyi,
+  "erk": erk,
 }
 
 
@@ -174,7 +174,7 @@ def get_distribution(distribution: str | Distribution) -> Distribution:
     return distribution
   if distribution not in DISTRIBUTIONS:
     raise ValueError(
-        f"Unknown `distribution` {distribution!r}; allowed: {sorted(DISTRIBUTIONS)} or a "
-        "function (shapes, sparsity, *, overrides) -> {path: sparsity}."
+      f"Unknown `distribution` {distribution!r}; allowed: {sorted(DISTRIBUTIONS)} or a "
+      "function (shapes, sparsity, *, overrides) -> {path: sparsity}."
     )
   return DISTRIBUTIONS[distribution]

@@ -36,7 +36,7 @@ Conventions (ALGORITHMS.md §10):
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -530,7 +530,7 @@ def dynamic_sparse(
         nnz = jnp.sum(mask, dtype=jnp.int32)
         n_drop = jnp.floor(nnz.astype(jnp.float32) * df).astype(jnp.int32)
         new, kept = leaf_update(
-            ctx, drop_scores, grow_scores, n_drop, layer_sparsity[i], structure, sparse_paths
+          ctx, drop_scores, grow_scores, n_drop, layer_sparsity[i], structure, sparse_paths
         )
         new_masks[i], kept_masks[i] = new, kept
       # NaN/inf anywhere: leave every mask unchanged and count the skip.

@@ -33,11 +33,11 @@ def _ordered_keys(scores: jax.Array) -> jax.Array:
 
 
 def topk_mask(
-    scores: jax.Array,
-    k: jax.Array | int,
-    *,
-    axis: int | None = None,
-    candidates: jax.Array | None = None,
+  scores: jax.Array,
+  k: jax.Array | int,
+  *,
+  axis: int | None = None,
+  candidates: jax.Array | None = None,
 ) -> jax.Array:
   """Selects the ``k`` highest-scoring entries, exactly, with index tie-breaking.
 
@@ -65,45 +65,61 @@ def topk_mask(
   scores = jnp.asarray(scores)
   if axis is None:
     flat = topk_mask(
-        scores.reshape(-1),
-        jnp.reshape(jnp.asarray(k, jnp.int32), (1,)),
-        axis=0,
-        candidates=None if candidates is None else candidates.reshape(-1),
+      scores.reshape(-1),
+      jnp.reshape(jnp.asarray(k, jnp.int32), (1,)),
+      axis=0,
+      candidates=None if candidates is None else candidates.reshape(-1),
     )
     return flat.reshape(scores.shape)
 
   axis = axis % scores.ndim
   keys = _ordered_keys(scores)
-  if candidates is None:
-    candidates = jnp.ones(scores.shape, bool)
-  else:
-    candidates = candidates.astype(bool)
+  if candidates is not None:
+    # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF); every
+    # trial threshold below has a bit set, so they are never counted.
+    keys = jnp.where(candidates, keys, jnp.uint32(0))
   reduced_shape = scores.shape[:axis] + (1,) + scores.shape[axis + 1 :]
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), reduced_shape)
 
-  def count_at_least(threshold):
-    hits = candidates & (keys >= threshold)
-    return jnp.sum(hits, axis=axis, keepdims=True, dtype=jnp.int32)
+  def count(selected):
+    return jnp.sum(selected, axis=axis, keepdims=True, dtype=jnp.int32)
 
   # Largest threshold T with count(keys >= T) >= k: built one bit at a time, MSB first.
   def body(i, threshold):
     bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
     trial = threshold | bit
-    return jnp.where(count_at_least(trial) >= k, trial, threshold)
+    return jnp.where(count(keys >= trial) >= k, trial, threshold)
 
   threshold = lax.fori_loop(0, 32, body, jnp.zeros(reduced_shape, jnp.uint32))
-  above = candidates & (keys > threshold)
-  at = candidates & (keys == threshold)
-  n_above = jnp.sum(above, axis=axis, keepdims=True, dtype=jnp.int32)
-  tie_rank = jnp.cumsum(at, axis=axis, dtype=jnp.int32)  # 1-based rank among ties
-  return above | (at & (tie_rank <= k - n_above))
+  above = keys > threshold
+  # threshold == 0 means k >= number of candidates: everything above 0 is selected.
+  at = (keys == threshold) & (threshold != 0)
+  need = k - count(above)
+
+  def break_ties():
+    rank = _cumsum(at, axis)  # 1-based rank among the ties, in index order
+    return above | (at & (rank <= need))
+
+  return lax.cond(jnp.all(count(at) <= need), lambda: above | at, break_ties)
+
+
+def _cumsum(x: jax.Array, axis: int) -> jax.Array:
+  """int32 inclusive cumsum; blocked for long 1-D arrays (XLA:CPU's scan is superlinear)."""
+  n = x.shape[axis]
+  block = 1024
+  if x.ndim == 1 and n > 4 * block and n % block == 0:
+    rows = x.reshape(-1, block).astype(jnp.int32)
+    within = jnp.cumsum(rows, axis=1)
+    offsets = _cumsum(within[:, -1], 0) - within[:, -1]
+    return (within + offsets[:, None]).reshape(n)
+  return jnp.cumsum(x, axis=axis, dtype=jnp.int32)
 
 
 def drop_and_grow(
-    mask: jax.Array,
-    drop_scores: jax.Array,
-    grow_scores: jax.Array,
-    n_drop: jax.Array | int,
+  mask: jax.Array,
+  drop_scores: jax.Array,
+  grow_scores: jax.Array,
+  n_drop: jax.Array | int,
 ) -> tuple[jax.Array, jax.Array]:
   """One unstructured drop-and-grow on one array, preserving nnz exactly.
 
@@ -132,13 +148,14 @@ def drop_and_grow(
 
 
 def grouped_drop_and_grow(
-    mask: jax.Array,
-    drop_scores: jax.Array,
-    grow_scores: jax.Array,
-    n_drop: jax.Array | int,
-    per_group: jax.Array | int,
-    *,
-    axis: int,
+  mask: jax.Array,
+  drop_scores: jax.Array,
+  grow_scores: jax.Array,
+  n_drop: jax.Array | int,
+  per_group: jax.Array | int,
+  *,
+  axis: int,
+  cap: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """Drop-and-grow with an exact per-group count (N:M groups, constant fan-in neurons).
 
@@ -157,6 +174,9 @@ def grouped_drop_and_grow(
     per_group: target count per group: a scalar or an int array with ``axis`` reduced
       to size 1 (0 for a group that must become empty, e.g. an ablated neuron).
     axis: the group axis.
+    cap: cut over-full groups to ``per_group``. Pass False only when no group can hold
+      more than ``per_group`` kept entries (e.g. a fixed N:M or fan-in count): it saves
+      one selection pass.
 
   Returns:
     ``(new_mask, kept)`` as in :func:`drop_and_grow`.
@@ -164,7 +184,8 @@ def grouped_drop_and_grow(
   mask = mask.astype(bool)
   nnz = jnp.sum(mask, dtype=jnp.int32)
   kept = topk_mask(drop_scores, nnz - n_drop, candidates=mask)
-  kept = topk_mask(drop_scores, per_group, axis=axis, candidates=kept)
+  if cap:
+    kept = topk_mask(drop_scores, per_group, axis=axis, candidates=kept)
   n_kept = jnp.sum(kept, axis=axis, keepdims=True, dtype=jnp.int32)
   grown = topk_mask(grow_scores, per_group - n_kept, axis=axis, candidates=~kept)
   return kept | grown, kept

@@ -35,12 +35,12 @@ from sparsejax._src import base, dst, selection, structures
 
 
 def neurons_to_ablate(
-    weights: jax.Array,
-    grads: jax.Array,
-    n_keep: jax.Array,
-    n_drop: jax.Array,
-    sparsity: float,
-    gamma_sal: float,
+  weights: jax.Array,
+  grads: jax.Array,
+  n_keep: jax.Array,
+  n_drop: jax.Array,
+  sparsity: float,
+  gamma_sal: float,
 ) -> jax.Array:
   """SRigL's ablation rule for one layer in ``[fan_in, n_out]`` layout.
 
@@ -61,7 +61,7 @@ def neurons_to_ablate(
   k0 = budget // n_out
   threshold = max(1, int(gamma_sal * k0))
   salient = selection.topk_mask(jnp.abs(weights), n_keep) | selection.topk_mask(
-      jnp.abs(grads), n_drop
+    jnp.abs(grads), n_drop
   )
   counts = jnp.sum(salient, axis=0, dtype=jnp.int32)
   guard = jnp.sort(counts)[::-1][min_neurons]  # (min_neurons+1)-th largest count
@@ -70,14 +70,14 @@ def neurons_to_ablate(
 
 
 def srigl(
-    inner: optax.GradientTransformation,
-    *,
-    sparsity: float | None = None,
-    gamma_sal: float = 0.3,
-    dynamic_ablation: bool = True,
-    no_ablation: str | None = None,
-    structure: str | structures.Structure | None = None,
-    **kwargs,
+  inner: optax.GradientTransformation,
+  *,
+  sparsity: float | None = None,
+  gamma_sal: float = 0.3,
+  dynamic_ablation: bool = True,
+  no_ablation: str | None = None,
+  structure: str | structures.Structure | None = None,
+  **kwargs,
 ) -> optax.GradientTransformationExtraArgs:
   """SRigL: constant fan-in RigL with neuron ablation (Lasby et al., ICLR 2024).
 
@@ -108,8 +108,8 @@ def srigl(
   structure = structures.get_structure(structure if structure is not None else "fan_in")
   if isinstance(structure, structures.Unstructured):
     raise ValueError(
-        "srigl needs structure=ConstantFanIn() (default) or NM(n, m); for unstructured "
-        "masks use sparsejax.rigl."
+      "srigl needs structure=ConstantFanIn() (default) or NM(n, m); for unstructured "
+      "masks use sparsejax.rigl."
     )
   try:
     exempt_re = re.compile(no_ablation) if no_ablation is not None else None
@@ -123,9 +123,9 @@ def srigl(
     if not ablate:
       return structure_.drop_and_grow(ctx.mask, drop_scores, grow_scores, n_drop, layer_sparsity)
     exempt = (
-        exempt_re.search(ctx.path) is not None
-        if exempt_re is not None
-        else ctx.path == sparse_paths[-1]
+      exempt_re.search(ctx.path) is not None
+      if exempt_re is not None
+      else ctx.path == sparse_paths[-1]
     )
     shape = ctx.mask.shape
     fan_in = base.shape_size(shape[:-1])
@@ -137,20 +137,24 @@ def srigl(
       ablated = jnp.zeros((n_out,), bool)
     else:
       ablated = neurons_to_ablate(
-          ctx.param.reshape(flat), ctx.grad.reshape(flat), nnz - n_drop, n_drop,
-          layer_sparsity, gamma_sal,
+        ctx.param.reshape(flat),
+        ctx.grad.reshape(flat),
+        nnz - n_drop,
+        n_drop,
+        layer_sparsity,
+        gamma_sal,
       )
     n_active = n_out - jnp.sum(ablated, dtype=jnp.int32)
     k = jnp.int32(budget) // n_active
     per_neuron = jnp.where(ablated, 0, k)[None, :]
     drop_flat = jnp.where(ablated[None, :], -jnp.inf, drop_scores.reshape(flat))
     new, kept = selection.grouped_drop_and_grow(
-        ctx.mask.reshape(flat), drop_flat, grow_scores.reshape(flat), n_drop, per_neuron, axis=0
+      ctx.mask.reshape(flat), drop_flat, grow_scores.reshape(flat), n_drop, per_neuron, axis=0
     )
     return new.reshape(shape), kept.reshape(shape)
 
   return dst.dynamic_sparse(
-      inner, sparsity=sparsity, structure=structure, leaf_mask_update=leaf_update, **kwargs
+    inner, sparsity=sparsity, structure=structure, leaf_mask_update=leaf_update, **kwargs
   )
 
 

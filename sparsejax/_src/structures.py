@@ -73,17 +73,17 @@ class ConstantFanIn:
   def layer_sparsity(self, path: str, shape: Sequence[int], requested: float) -> float:
     if len(shape) < 2:
       raise ValueError(
-          f"structure=ConstantFanIn() needs leaves with ndim >= 2; {path!r} has shape "
-          f"{tuple(shape)}. Exclude it with `exclude=`."
+        f"structure=ConstantFanIn() needs leaves with ndim >= 2; {path!r} has shape "
+        f"{tuple(shape)}. Exclude it with `exclude=`."
       )
     k = self.fan_in(shape, requested)
     if k < 1:
       fan_in, n_out = _fan_in_shape(shape)
       raise ValueError(
-          f"structure=ConstantFanIn() cannot reach sparsity={requested:.4f} on {path!r} "
-          f"(shape {tuple(shape)}, fan-in {fan_in}): the constant fan-in would be "
-          f"floor({fan_in * n_out}·{1 - requested:.4f}) // {n_out} = {k} < 1. Lower the "
-          "sparsity of this layer (`overrides=`) or keep it dense (`exclude=`)."
+        f"structure=ConstantFanIn() cannot reach sparsity={requested:.4f} on {path!r} "
+        f"(shape {tuple(shape)}, fan-in {fan_in}): the constant fan-in would be "
+        f"floor({fan_in * n_out}·{1 - requested:.4f}) // {n_out} = {k} < 1. Lower the "
+        "sparsity of this layer (`overrides=`) or keep it dense (`exclude=`)."
       )
     return requested
 
@@ -95,19 +95,18 @@ class ConstantFanIn:
     scores = _uniform_scores(key, (fan_in, n_out))
     return selection.topk_mask(scores, self.fan_in(shape, sparsity), axis=0).reshape(shape)
 
-  def drop_and_grow(self, mask, drop_scores, grow_scores, n_drop, sparsity, per_neuron=None):
-    """Layer-wise drop, per-neuron regrowth to ``per_neuron`` (default: the fan-in k)."""
+  def drop_and_grow(self, mask, drop_scores, grow_scores, n_drop, sparsity):
+    """Layer-wise drop, per-neuron regrowth back to the fan-in k."""
     shape = mask.shape
     flat = _fan_in_shape(shape)
-    if per_neuron is None:
-      per_neuron = self.fan_in(shape, sparsity)
     new, kept = selection.grouped_drop_and_grow(
-        mask.reshape(flat),
-        drop_scores.reshape(flat),
-        grow_scores.reshape(flat),
-        n_drop,
-        per_neuron,
-        axis=0,
+      mask.reshape(flat),
+      drop_scores.reshape(flat),
+      grow_scores.reshape(flat),
+      n_drop,
+      self.fan_in(shape, sparsity),
+      axis=0,
+      cap=False,  # every neuron holds exactly k before the update: none can be over-full
     )
     return new.reshape(shape), kept.reshape(shape)
 
@@ -137,15 +136,15 @@ class NM:
   def layer_sparsity(self, path: str, shape: Sequence[int], requested: float) -> float:
     if len(shape) < 2:
       raise ValueError(
-          f"structure=NM({self.n}, {self.m}) needs leaves with ndim >= 2; {path!r} has "
-          f"shape {tuple(shape)}."
+        f"structure=NM({self.n}, {self.m}) needs leaves with ndim >= 2; {path!r} has "
+        f"shape {tuple(shape)}."
       )
     fan_in, _ = _fan_in_shape(shape)
     if fan_in % self.m:
       raise ValueError(
-          f"structure=NM({self.n}, {self.m}): the contraction size of {path!r} (shape "
-          f"{tuple(shape)}, product of all but the last axis = {fan_in}) is not divisible "
-          f"by m={self.m}. Keep this layer dense with `exclude=` or `keep_first_dense=True`."
+        f"structure=NM({self.n}, {self.m}): the contraction size of {path!r} (shape "
+        f"{tuple(shape)}, product of all but the last axis = {fan_in}) is not divisible "
+        f"by m={self.m}. Keep this layer dense with `exclude=` or `keep_first_dense=True`."
       )
     return self.sparsity
 
@@ -167,12 +166,13 @@ class NM:
     shape = mask.shape
     grouped = self._grouped(shape)
     new, kept = selection.grouped_drop_and_grow(
-        mask.reshape(grouped),
-        drop_scores.reshape(grouped),
-        grow_scores.reshape(grouped),
-        n_drop,
-        self.n,
-        axis=1,
+      mask.reshape(grouped),
+      drop_scores.reshape(grouped),
+      grow_scores.reshape(grouped),
+      n_drop,
+      self.n,
+      axis=1,
+      cap=False,  # every group holds exactly n before the update: none can be over-full
     )
     return new.reshape(shape), kept.reshape(shape)
 
@@ -197,7 +197,7 @@ def get_structure(structure: str | Structure | None) -> Structure:
       if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
         return NM(int(parts[1]), int(parts[2]))
   raise ValueError(
-      f"Unknown `structure` {structure!r}; allowed: None, 'unstructured', 'fan_in', "
-      "'nm:N:M' (e.g. 'nm:2:4'), sparsejax.Unstructured(), sparsejax.ConstantFanIn(), "
-      "sparsejax.NM(n, m)."
+    f"Unknown `structure` {structure!r}; allowed: None, 'unstructured', 'fan_in', "
+    "'nm:N:M' (e.g. 'nm:2:4'), sparsejax.Unstructured(), sparsejax.ConstantFanIn(), "
+    "sparsejax.NM(n, m)."
   )

@@ -1,0 +1,167 @@
+"""DST overhead on a jitted train step: plain Optax vs static/SET/RigL/SRigL at 90% sparsity.
+
+For an MLP (784-1024-1024-1024-10, batch 128) and a small CNN, in one process, with
+donated buffers as in real training, interleaved repetitions (A B C ...), median of many:
+
+  (a) normal step / dense step           (target <= 1.05x)
+  (b) mask-update step / dense step
+  (c) amortized overhead at ΔT = 100:  (99·normal + update) / (100·dense) - 1   (target <= 3%)
+
+Run:  python benchmarks/dst_step.py            (about 2-4 minutes on 2 cores)
+      python benchmarks/dst_step.py --quick    (smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import sparsejax as sj  # noqa: E402
+
+
+def mlp_model(quick: bool):
+  width = 256 if quick else 1024
+  sizes = [784, width, width, width, 10]
+  key = jax.random.PRNGKey(0)
+  params = {}
+  for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    key, sub = jax.random.split(key)
+    params[f"dense{i}"] = {
+      "kernel": jax.random.normal(sub, (a, b)) / jnp.sqrt(a),
+      "bias": jnp.zeros(b),
+    }
+
+  def apply(p, x):
+    h = x
+    for i in range(len(sizes) - 1):
+      h = h @ p[f"dense{i}"]["kernel"] + p[f"dense{i}"]["bias"]
+      if i < len(sizes) - 2:
+        h = jax.nn.relu(h)
+    return h
+
+  x = jax.random.normal(jax.random.PRNGKey(1), (128, 784))
+  return params, apply, x
+
+
+def cnn_model(quick: bool):
+  side = 16 if quick else 28
+  key = jax.random.split(jax.random.PRNGKey(2), 4)
+  params = {
+    "conv0": {"kernel": jax.random.normal(key[0], (3, 3, 1, 32)) / 3.0, "bias": jnp.zeros(32)},
+    "conv1": {"kernel": jax.random.normal(key[1], (3, 3, 32, 64)) / 17.0, "bias": jnp.zeros(64)},
+    "dense0": {
+      "kernel": jax.random.normal(key[2], ((side // 4) ** 2 * 64, 256)) / 40.0,
+      "bias": jnp.zeros(256),
+    },
+    "dense1": {"kernel": jax.random.normal(key[3], (256, 10)) / 16.0, "bias": jnp.zeros(10)},
+  }
+
+  def conv(h, p):
+    y = jax.lax.conv_general_dilated(
+      h, p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    y = jax.nn.relu(y + p["bias"])
+    return jax.lax.reduce_window(y, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+  def apply(p, x):
+    h = conv(conv(x, p["conv0"]), p["conv1"])
+    h = h.reshape(h.shape[0], -1)
+    h = jax.nn.relu(h @ p["dense0"]["kernel"] + p["dense0"]["bias"])
+    return h @ p["dense1"]["kernel"] + p["dense1"]["bias"]
+
+  x = jax.random.normal(jax.random.PRNGKey(3), (128 if not quick else 32, side, side, 1))
+  return params, apply, x
+
+
+def make_step(tx, apply, x, y):
+  def loss(p):
+    return optax.softmax_cross_entropy_with_integer_labels(apply(p, x), y).mean()
+
+  def step(p, s):
+    g = jax.grad(loss)(p)
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def bench_model(name, model_fn, quick, rounds):
+  params, apply, x = model_fn(quick)
+  y = jax.random.randint(jax.random.PRNGKey(4), (x.shape[0],), 0, 10)
+  inner = lambda: optax.sgd(0.01, momentum=0.9)  # noqa: E731
+  kw = dict(sparsity=0.9, update_every=100, end_step=10**6)
+  methods = {
+    "dense": inner(),
+    "static": sj.static_sparse(inner(), sparsity=0.9),
+    "set": sj.set_(inner(), **kw),
+    "rigl": sj.rigl(inner(), **kw),
+    "srigl": sj.srigl(inner(), **kw),
+  }
+  runners = {}
+  for mname, tx in methods.items():
+    step = make_step(tx, apply, x, y)
+    state = {"p": jax.tree.map(jnp.copy, params), "s": tx.init(params)}
+    dst = mname != "dense"
+
+    def run(count, step=step, state=state, dst=dst):
+      s = state["s"]
+      if dst:
+        s = s._replace(count=jnp.int32(count))
+      state["p"], state["s"] = step(state["p"], s)
+      _common.block(state["p"])
+
+    runners[mname] = run
+  fns = {"dense": lambda: runners["dense"](0)}
+  for mname in methods:
+    if mname == "dense":
+      continue
+    fns[f"{mname}:normal"] = lambda r=runners[mname]: r(1)
+    if mname != "static":
+      fns[f"{mname}:update"] = lambda r=runners[mname]: r(100)
+  times = _common.interleaved(fns, rounds=rounds, warmup=3)
+  dense = _common.med(times["dense"])
+  print(f"\n{name}: dense step median {dense * 1e3:.2f} ms (min {min(times['dense']) * 1e3:.2f})")
+  print(f"{'method':<8} {'normal/dense':>13} {'update/dense':>13} {'amortized ΔT=100':>17}")
+  rows = {}
+  for mname in methods:
+    if mname == "dense":
+      continue
+    normal = _common.med(times[f"{mname}:normal"]) / dense
+    update = _common.med(times[f"{mname}:update"]) / dense if f"{mname}:update" in times else None
+    amort = (99 * normal + (update if update is not None else normal)) / 100 - 1
+    rows[mname] = (normal, update, amort)
+    upd = f"{update:13.2f}" if update is not None else f"{'-':>13}"
+    print(f"{mname:<8} {normal:13.3f} {upd} {amort * 100:16.1f}%")
+  return rows
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--quick", action="store_true", help="small models, few rounds (smoke run)")
+  ap.add_argument("--rounds", type=int, default=None)
+  args = ap.parse_args()
+  rounds = args.rounds or (5 if args.quick else 40)
+  print(_common.environment())
+  mlp = bench_model(
+    "MLP 784-3x1024-10, batch 128, SGD momentum, 90% ERK", mlp_model, args.quick, rounds
+  )
+  bench_model(
+    "CNN 2 conv + 2 dense, batch 128, SGD momentum, 90% ERK", cnn_model, args.quick, rounds
+  )
+  n, u, a = mlp["rigl"]
+  print(
+    f"\nheadline: MLP RigL normal step {n:.3f}x dense, update step {u:.1f}x, amortized "
+    f"overhead at ΔT=100 {a * 100:.1f}%"
+  )
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,68 @@
+"""Structural guarantees of the DST step (not timings): cheap non-update path, small state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sparsejax as sj
+
+EXPENSIVE = {"sort", "top_k", "while", "cumsum", "argsort", "scan", "approx_top_k"}
+
+
+def _primitives(jaxpr):
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for param in eqn.params.values():
+      for p in param if isinstance(param, tuple | list) else (param,):
+        inner = getattr(p, "jaxpr", None)
+        if inner is not None:
+          names |= _primitives(inner if hasattr(inner, "eqns") else inner.jaxpr)
+  return names
+
+
+def _params():
+  k1, k2 = jax.random.split(jax.random.PRNGKey(0))
+  return {
+    "a": {"kernel": jax.random.normal(k1, (32, 64)), "bias": jnp.zeros(64)},
+    "b": {"kernel": jax.random.normal(k2, (64, 8)), "bias": jnp.zeros(8)},
+  }
+
+
+@pytest.mark.parametrize("method", ["set_", "rigl", "srigl"])
+def test_non_update_branch_has_no_selection_work(method):
+  tx = getattr(sj, method)(optax.adam(1e-3), sparsity=0.9, update_every=10, end_step=100)
+  params = _params()
+  state = tx.init(params)
+  jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
+  conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  assert len(conds) == 1, "expected exactly one lax.cond choosing the mask-update branch"
+  regular, mask_update = conds[0].params["branches"]  # index 0 = predicate False
+  assert not (_primitives(regular.jaxpr) & EXPENSIVE), _primitives(regular.jaxpr) & EXPENSIVE
+  assert _primitives(mask_update.jaxpr) & {"while", "scan"}, (
+    "the update branch should hold the selection"
+  )
+  # Outside the cond only the schedule predicate and the counter increment remain.
+  outside = {e.primitive.name for e in jaxpr.eqns} - {"cond"}
+  assert not (outside & EXPENSIVE)
+
+
+def test_state_holds_only_masks_and_inner_state():
+  params = _params()
+  inner = optax.adam(1e-3)
+  tx = sj.rigl(inner, sparsity=0.9, end_step=100)
+  state = tx.init(params)
+  assert isinstance(state, sj.DynamicSparseState)
+  inner_bytes = sum(x.nbytes for x in jax.tree.leaves(inner.init(params)))
+  assert sum(x.nbytes for x in jax.tree.leaves(state.inner_state)) == inner_bytes
+  mask_leaves = jax.tree.leaves(state.masks)
+  assert [m.shape for m in mask_leaves] == [(32, 64), (64, 8)]  # sparse leaves only
+  assert all(m.dtype == jnp.bool_ for m in mask_leaves)
+  for field in (state.count, state.key, state.skipped_updates):
+    assert np.asarray(field).size <= 2
+  wrapper_bytes = sum(
+    x.nbytes for x in jax.tree.leaves((state.count, state.key, state.masks, state.skipped_updates))
+  )
+  assert wrapper_bytes == 32 * 64 + 64 * 8 + 4 + 8 + 4  # one byte per sparse weight
