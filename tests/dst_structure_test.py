@@ -66,3 +66,21 @@ def test_state_holds_only_masks_and_inner_state():
     x.nbytes for x in jax.tree.leaves((state.count, state.key, state.masks, state.skipped_updates))
   )
   assert wrapper_bytes == 32 * 64 + 64 * 8 + 4 + 8 + 4  # one byte per sparse weight
+
+
+def test_tree_map_params_sees_masks_and_inner_state_as_param_shaped():
+  params = _params()
+  tx = optax.chain(optax.clip(1.0), sj.rigl(optax.adam(1e-3), sparsity=0.5, end_step=10))
+  state = tx.init(params)
+  marked = optax.tree_utils.tree_map_params(
+    tx,
+    lambda v: v if isinstance(v, optax.MaskedNode) else "param",
+    state,
+    transform_non_params=lambda v: "other",
+    is_leaf=lambda v: isinstance(v, optax.MaskedNode),
+  )
+  dst_state = marked[1]
+  assert dst_state.masks["a"]["kernel"] == "param"
+  assert isinstance(dst_state.masks["a"]["bias"], optax.MaskedNode)
+  assert dst_state.inner_state[0].mu["b"]["kernel"] == "param"
+  assert dst_state.count == "other" and dst_state.key == "other"

@@ -296,6 +296,10 @@ def _reset_inner_state(inner, inner_state, grown: list[Any], treedef):
   )
 
 
+def _is_params_placeholder(params: Any) -> bool:
+  return type(params).__name__ == "_ParamsPlaceholder" and not jax.tree.leaves(params)
+
+
 def _default_leaf_update(ctx, drop_scores, grow_scores, n_drop, sparsity, structure, sparse_paths):
   del sparse_paths
   return structure.drop_and_grow(ctx.mask, drop_scores, grow_scores, n_drop, sparsity)
@@ -434,6 +438,16 @@ def dynamic_sparse(
     return list(plan_sparsity(params, **plan_kwargs).values())
 
   def init_fn(params):
+    if _is_params_placeholder(params):
+      # optax.tree_utils.tree_map_params probes init with a placeholder: report where the
+      # param-shaped trees are (the masks and the inner state's), without building masks.
+      return DynamicSparseState(
+          count=jnp.zeros([], jnp.int32),
+          key=jax.random.PRNGKey(seed),
+          masks=params,
+          inner_state=inner.init(params),
+          skipped_updates=jnp.zeros([], jnp.int32),
+      )
     paths, leaves, treedef = flatten_with_paths_checked(params)
     layer_sparsity = sparsities_for(params)
     key = jax.random.PRNGKey(seed)
