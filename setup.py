@@ -90,7 +90,7 @@ setup(
     "experiments": _EXPERIMENTS,
     "notebooks": _NOTEBOOKS,
     "tensorboard": ["tensorboardX>=2.6"],
-    "test": _TEST + _EXPERIMENTS,
+    "test": sorted(set(_TEST + _EXPERIMENTS + _NOTEBOOKS)),
     "all": sorted(set(_EXPERIMENTS + _NOTEBOOKS + _TEST + ["tensorboardX>=2.6"])),
   },
   classifiers=[
