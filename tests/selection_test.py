@@ -93,3 +93,31 @@ def test_drop_and_grow_invariants(shape, density, drop_fraction):
   candidates = ~kept
   if grown.any() and (candidates & ~grown).any():
     assert g[grown].min() >= g[candidates & ~grown].max()
+
+
+@pytest.mark.parametrize("strategy", ["rank", "histogram16", "histogram8", "bits"])
+@pytest.mark.parametrize("axis", [None, 0, 1])
+def test_every_selection_strategy_matches_reference(strategy, axis, monkeypatch):
+  from sparsejax._src import selection
+
+  monkeypatch.setattr(selection, "_PAIRWISE_MAX", 10**9 if strategy == "rank" else 0)
+  max_bins = {"histogram16": 10**9, "histogram8": 256 * 12}.get(strategy, 0)
+  monkeypatch.setattr(selection, "_HISTOGRAM_MAX_BINS", max_bins)
+  rng = np.random.default_rng(3)
+  scores = rng.integers(-3, 4, size=(12, 9)).astype(np.float32)  # ties and negatives
+  scores[0, 0] = -np.inf
+  candidates = rng.random((12, 9)) < 0.8
+  if axis is None:
+    for k in (0, 1, 40, 86, 200):
+      got = sj.topk_mask(jnp.asarray(scores), k, candidates=jnp.asarray(candidates))
+      np.testing.assert_array_equal(got, _reference_topk(scores, k, candidates), err_msg=f"k={k}")
+    return
+  n_slices = scores.shape[1 - axis]
+  ks = rng.integers(-1, scores.shape[axis] + 2, size=n_slices)
+  k_arr = jnp.asarray(ks).reshape((1, -1) if axis == 0 else (-1, 1))
+  got = np.asarray(
+    sj.topk_mask(jnp.asarray(scores), k_arr, axis=axis, candidates=jnp.asarray(candidates))
+  )
+  for j in range(n_slices):
+    sl = (slice(None), j) if axis == 0 else (j, slice(None))
+    np.testing.assert_array_equal(got[sl], _reference_topk(scores[sl], ks[j], candidates[sl]))

@@ -5,10 +5,19 @@ fewer exist), with ties broken by the lowest index along the selection axis. ``k
 traced value (dynamic), so mask updates whose counts depend on a drop-fraction schedule
 compile once.
 
-Implementation: a radix select on the order-preserving integer image of the float scores.
-Thirty-two counting passes find the k-th largest key without sorting, then one cumulative
-sum breaks ties by index. Cost is O(32·n) with no ``n log n`` sort and no param-sized
-index arrays, which is what makes mask updates of 4096² layers cheap (see
+Implementation: a radix select on the order-preserving integer image of the float scores,
+never a sort. The strategy is chosen statically from the shapes:
+
+* short slices (N:M groups, ``len <= 16``): each entry is ranked by pairwise comparison
+  with the other entries of its slice (``len`` elementwise passes);
+* otherwise, when the bins fit: 16-bit (few slices) or 8-bit histogram passes (two or
+  four scatter-adds into ``2**16`` or 256 bins per slice) find the k-th largest key
+  exactly;
+* otherwise: a 32-step bitwise binary search of counting passes.
+
+Ties at the threshold are broken by index with one cumulative sum, only when they
+straddle the threshold (``lax.cond``). Cost is O(n) per selection with no ``n log n``
+sort, which is what makes mask updates of 4096² layers cheap (see
 ``benchmarks/mask_update.py``).
 """
 
@@ -75,32 +84,131 @@ def topk_mask(
   axis = axis % scores.ndim
   keys = _ordered_keys(scores)
   if candidates is not None:
-    # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF); every
-    # trial threshold below has a bit set, so they are never counted.
+    # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF), and are
+    # never counted: every threshold found below is >= 1 whenever k >= 1.
     keys = jnp.where(candidates, keys, jnp.uint32(0))
   reduced_shape = scores.shape[:axis] + (1,) + scores.shape[axis + 1 :]
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), reduced_shape)
-
-  def count(selected):
-    return jnp.sum(selected, axis=axis, keepdims=True, dtype=jnp.int32)
-
-  # Largest threshold T with count(keys >= T) >= k: built one bit at a time, MSB first.
-  def body(i, threshold):
-    bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
-    trial = threshold | bit
-    return jnp.where(count(keys >= trial) >= k, trial, threshold)
-
-  threshold = lax.fori_loop(0, 32, body, jnp.zeros(reduced_shape, jnp.uint32))
+  group_len = scores.shape[axis]
+  n_groups = scores.size // max(group_len, 1)
+  if group_len <= _PAIRWISE_MAX:
+    return _select_by_rank(keys, k, axis)
+  if n_groups * (1 << 16) <= _HISTOGRAM_MAX_BINS:
+    threshold, n_above, n_at = _threshold_by_histogram(keys, k, axis, width=16)
+  elif n_groups * (1 << 8) <= _HISTOGRAM_MAX_BINS:
+    threshold, n_above, n_at = _threshold_by_histogram(keys, k, axis, width=8)
+  else:
+    threshold, n_above, n_at = _threshold_by_bits(keys, k, axis)
   above = keys > threshold
-  # threshold == 0 means k >= number of candidates: everything above 0 is selected.
-  at = (keys == threshold) & (threshold != 0)
-  need = k - count(above)
+  at = (keys == threshold) & (threshold != 0) & (k >= 1)
+  need = k - n_above
 
   def break_ties():
     rank = _cumsum(at, axis)  # 1-based rank among the ties, in index order
     return above | (at & (rank <= need))
 
-  return lax.cond(jnp.all(count(at) <= need), lambda: above | at, break_ties)
+  return lax.cond(jnp.all(n_at <= need), lambda: above | at, break_ties)
+
+
+# Static strategy thresholds (see topk_mask).
+_PAIRWISE_MAX = 16
+_HISTOGRAM_MAX_BINS = 1 << 24
+
+
+def _count(selected: jax.Array, axis: int) -> jax.Array:
+  return jnp.sum(selected, axis=axis, keepdims=True, dtype=jnp.int32)
+
+
+def _select_by_rank(keys: jax.Array, k: jax.Array, axis: int) -> jax.Array:
+  """Short slices (N:M groups): rank each entry by pairwise comparison, O(len) passes."""
+  n = keys.shape[axis]
+  position = lax.broadcasted_iota(jnp.int32, keys.shape, axis)
+  rank = jnp.zeros(keys.shape, jnp.int32)
+  for j in range(n):
+    other = lax.slice_in_dim(keys, j, j + 1, axis=axis)
+    beats = (other > keys) | ((other == keys) & (j < position))
+    rank = rank + (beats & (other != 0)).astype(jnp.int32)
+  return (keys != 0) & (rank < k)
+
+
+def _group_ids(shape: tuple[int, ...], axis: int) -> jax.Array | int:
+  """int32 id of each entry's slice along ``axis`` (row-major over the other axes)."""
+  gid: jax.Array | int = 0
+  stride = 1
+  for d in reversed(range(len(shape))):
+    if d == axis:
+      continue
+    gid = gid + lax.broadcasted_iota(jnp.int32, shape, d) * stride
+    stride *= shape[d]
+  return gid
+
+
+def _threshold_by_histogram(keys: jax.Array, k: jax.Array, axis: int, width: int):
+  """k-th largest key per slice by radix select with ``width``-bit histogram passes.
+
+  ``32 // width`` passes, each a scatter-add of every entry into ``2**width`` bins of its
+  slice. Returns ``(threshold, n_above, n_at)`` in the reduced (keepdims) shape;
+  ``threshold`` is 0 when ``k`` exceeds the number of candidates (everything above 0, i.e.
+  every candidate, is then selected) and the largest key when ``k <= 0``.
+  """
+  reduced_shape = k.shape
+  n_bins = 1 << width
+  n_groups = keys.size // keys.shape[axis]
+  gid = _group_ids(keys.shape, axis)
+  hist_shape = reduced_shape + (n_bins,)
+
+  def histogram(digit, match):
+    bins = (gid * n_bins + digit.astype(jnp.int32)).reshape(-1)
+    flat = (
+      jnp.zeros((n_groups * n_bins,), jnp.int32)
+      .at[bins]
+      .add(match.reshape(-1).astype(jnp.int32), mode="promise_in_bounds")
+    )
+    return flat.reshape(hist_shape)
+
+  prefix = jnp.zeros(reduced_shape, jnp.uint32)
+  need = k
+  total = n_at = None
+  for d in range(32 // width):
+    shift = 32 - width * (d + 1)
+    digit = (keys >> shift) & jnp.uint32(n_bins - 1)
+    if d == 0:
+      match = keys != 0
+    else:
+      match = (keys >> (shift + width)) == (prefix >> (shift + width))
+    hist = histogram(digit, match)
+    if d == 0:
+      total = jnp.sum(hist, axis=-1)
+      need = jnp.clip(need, 0, total)
+    # at_least[v] = count(digit >= v) among matching entries (non-increasing in v).
+    at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)
+    v = jnp.maximum(jnp.sum(at_least >= need[..., None], axis=-1, dtype=jnp.int32) - 1, 0)
+    next_v = jnp.minimum(v + 1, n_bins - 1)[..., None]
+    above_v = jnp.where(v < n_bins - 1, jnp.take_along_axis(at_least, next_v, -1)[..., 0], 0)
+    need = need - above_v
+    n_at = jnp.take_along_axis(hist, v[..., None], -1)[..., 0]
+    prefix = prefix | (v.astype(jnp.uint32) << shift)
+  valid = (k >= 1) & (total >= k)
+  # k <= 0: nothing is above the largest key; k > total: every candidate is above 0.
+  threshold = jnp.where(valid, prefix, jnp.where(k >= 1, jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+  n_above = jnp.where(valid, k - need, jnp.where(k >= 1, total, 0))
+  n_at = jnp.where(valid, n_at, 0)
+  return threshold, n_above, n_at
+
+
+def _threshold_by_bits(keys: jax.Array, k: jax.Array, axis: int):
+  """k-th largest key per slice with 32 counting passes (bitwise binary search)."""
+  reduced_shape = k.shape
+
+  def body(i, threshold):
+    bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
+    trial = threshold | bit
+    return jnp.where(_count(keys >= trial, axis) >= k, trial, threshold)
+
+  threshold = lax.fori_loop(0, 32, body, jnp.zeros(reduced_shape, jnp.uint32))
+  n_above = _count(keys > threshold, axis)
+  n_at = _count((keys == threshold) & (threshold != 0), axis)
+  return threshold, n_above, n_at
 
 
 def _cumsum(x: jax.Array, axis: int) -> jax.Array:
