@@ -65,9 +65,8 @@ def test_topk_along_axis_with_per_slice_counts():
 
 @pytest.mark.parametrize(
   "shape,density,drop_fraction",
-  list(
-    itertools.product([(8,), (5, 7), (3, 4, 6), (2, 3, 3, 8)], [0.1, 0.5, 0.9], [0.0, 0.3, 1.0])
-  ),
+  [(s, d, 0.3) for s in [(8,), (5, 7), (3, 4, 6), (2, 3, 3, 8)] for d in (0.1, 0.5, 0.9)]
+  + [((5, 7), 0.5, 0.0), ((5, 7), 0.5, 1.0), ((2, 3, 3, 8), 0.1, 1.0)],
 )
 def test_drop_and_grow_invariants(shape, density, drop_fraction):
   key = jax.random.PRNGKey(hash((shape, density, drop_fraction)) % 2**31)
