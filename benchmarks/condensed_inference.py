@@ -41,9 +41,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import sparsejax
-from sparsejax._src import condensed as cd
-from sparsejax._src import condensed_native
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import sparsejax  # noqa: E402
+from sparsejax._src import condensed as cd  # noqa: E402
+from sparsejax._src import condensed_native  # noqa: E402
 
 SLOW_S = 0.15
 SLOW_ROUNDS = 5
@@ -67,7 +70,7 @@ def environment() -> list[str]:
     f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
     f"jax {jax.__version__}, backend {jax.default_backend()}, "
     f"device {jax.devices()[0].device_kind}, sparsejax {sparsejax.__version__}",
-    f"cpu: {cpu_model()}, cpu_count {os.cpu_count()}, usable {n_aff}, "
+    f"cpu: {_common.cpu_model()}, cpu_count {os.cpu_count()}, usable {n_aff}, "
     f"load average {' '.join(f'{v:.2f}' for v in load)}",
     f"python {platform.python_version()}, numpy {np.__version__}",
     f"native kernel: {condensed_native.native_available()} "

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import random
 import statistics
 import sys
@@ -38,22 +37,13 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
 
 from sparsejax._src.nm_format import nm_compress  # noqa: E402
 from sparsejax._src.nm_kernels import nm_matmul  # noqa: E402
 
 _DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def _path_name() -> str:
@@ -122,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
   print("N:M sparse matmul benchmark (sparsejax benchmarks/nm_matmul.py)")
   print(
     f"jax {jax.__version__} | backend {jax.default_backend()} | device {dev.device_kind} | "
-    f"CPU {_cpu_model()} | os.cpu_count() {os.cpu_count()}"
+    f"CPU {_common.cpu_model()} | os.cpu_count() {os.cpu_count()}"
   )
   print(
     f"N:M path timed: {_path_name()} | baselines: jnp.dot on the dense masked weights; "
