@@ -52,17 +52,6 @@ SLOW_S = 0.15
 SLOW_ROUNDS = 5
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
 def environment() -> list[str]:
   n_aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
