@@ -77,10 +77,12 @@ def test_crash_safety_sigkill_at_random_moments_resumes_bit_exact(tmp_path):
   killed = tmp_path / "killed"
   rng = random.Random(1234)
   kills = 0
-  for attempt in range(12):  # bounded: a handful of kills, then run to completion
-    proc = subprocess.Popen(
-      _command(killed, cache), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+  log = tmp_path / "killed.log"
+  for _ in range(12):  # bounded: a handful of kills, then run to completion
+    with open(log, "wb") as err_file:
+      proc = subprocess.Popen(
+        _command(killed, cache), env=_env(), stdout=subprocess.DEVNULL, stderr=err_file
+      )
     if kills < 4:
       time.sleep(rng.uniform(2.0, 12.0))
       if proc.poll() is None:
@@ -88,8 +90,8 @@ def test_crash_safety_sigkill_at_random_moments_resumes_bit_exact(tmp_path):
         proc.wait(timeout=60)
         kills += 1
         continue
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err.decode()[-3000:]
+    proc.wait(timeout=600)
+    assert proc.returncode == 0, log.read_text()[-3000:]
     break
   else:
     pytest.fail("the killed run never completed")
