@@ -15,6 +15,7 @@ from sparsejax._src.condensed import uncondense as uncondense
 from sparsejax._src.condensed_layers import CondensedBuffer as CondensedBuffer
 from sparsejax._src.condensed_layers import CondensedDense as CondensedDense
 from sparsejax._src.condensed_layers import condense_params as condense_params
+from sparsejax._src.condensed_layers import condensed_conv as condensed_conv
 from sparsejax._src.condensed_layers import condensed_dense_apply as condensed_dense_apply
 from sparsejax._src.condensed_native import (  # noqa: F401
   native_available as condensed_native_available,

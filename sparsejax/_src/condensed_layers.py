@@ -18,12 +18,13 @@ ICLR 2024, https://arxiv.org/abs/2305.02299.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
 from sparsejax._src.condensed import (
   Condensed,
@@ -34,6 +35,7 @@ from sparsejax._src.condensed import (
 )
 
 __all__ = [
+  "condensed_conv",
   "CondensedBuffer",
   "CondensedDense",
   "condense_params",
@@ -230,3 +232,54 @@ def condensed_dense_apply(
       y = y + layer["bias"]
     return y
   raise TypeError(f"layer must be a Condensed or a {{'kernel', 'bias'}} mapping, got {type(layer)}")
+
+
+def condensed_conv(
+  x: jax.Array,
+  c: Condensed,
+  *,
+  strides: tuple[int, ...] | None = None,
+  padding: str | Sequence[tuple[int, int]] = "SAME",
+  method: str = "auto",
+) -> jax.Array:
+  """N-d convolution (channels last, Flax ``nnx.Conv`` layout) from a condensed kernel.
+
+  Equals ``lax.conv_general_dilated(x, kernel * mask, strides, padding)`` (+ bias) for a
+  kernel ``[*window, in, out]`` condensed with :func:`sparsejax.condense`. Implemented as
+  im2col patches (``lax.conv_general_dilated_patches``, reordered to the kernel's
+  ``(*window, in)`` fan-in order) followed by :func:`sparsejax.condensed_matmul`, so the
+  per-batch dispatch (native kernel / gather / dense) applies to the ``B·H·W`` rows.
+
+  Args:
+    x: ``[batch, *spatial, in]`` input.
+    c: a condensed conv kernel (``c.kernel_shape == (*window, in, out)``).
+    strides: window strides (default 1 on every spatial axis).
+    padding: ``"SAME"``, ``"VALID"`` or explicit pairs, as in ``lax.conv_general_dilated``.
+    method: forwarded to :func:`sparsejax.condensed_matmul`.
+
+  Returns:
+    ``[batch, *out_spatial, out]``.
+
+  Raises:
+    ValueError: if ``c`` is not a conv kernel matching ``x``'s channels.
+  """
+  window = tuple(c.kernel_shape[:-2])
+  n_in = c.kernel_shape[-2]
+  if not window or x.ndim != len(window) + 2 or x.shape[-1] != n_in:
+    raise ValueError(
+      f"condensed_conv: `c` has kernel shape {c.kernel_shape} (expected [*window, in, out]) "
+      f"but `x` has shape {x.shape} (expected [batch, *spatial, {n_in}])."
+    )
+  spatial = "".join("HWD"[: len(window)])
+  dims = (f"N{spatial}C", f"OI{spatial}", f"N{spatial}C")
+  patches = lax.conv_general_dilated_patches(
+    x,
+    filter_shape=window,
+    window_strides=strides or (1,) * len(window),
+    padding=padding,
+    dimension_numbers=dims,
+  )  # [..., in * prod(window)], channel-major
+  lead = patches.shape[:-1]
+  patches = patches.reshape(*lead, n_in, -1)
+  patches = jnp.swapaxes(patches, -1, -2).reshape(*lead, -1)  # (*window, in) order
+  return condensed_matmul(patches, c, method=method)
