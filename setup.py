@@ -72,7 +72,7 @@ setup(
   long_description_content_type="text/markdown",
   license="Apache-2.0",
   python_requires=">=3.11",
-  packages=find_packages(exclude=("tests", "tests.*", "benchmarks", "notebooks")),
+  packages=find_packages(include=("sparsejax", "sparsejax.*")),
   ext_modules=_NATIVE_EXTENSIONS,
   cmdclass={"build_ext": _BuildExtWithXlaFfi},
   install_requires=[

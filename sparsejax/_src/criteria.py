@@ -3,13 +3,17 @@
 A criterion is a pure function ``ctx: ScoreContext -> scores`` returning an array shaped
 like ``ctx.param``; higher scores are kept (drop criteria) or grown (grow criteria).
 
-Example, a custom regrowth rule by momentum magnitude::
+Example, a custom regrowth rule that adds the inner optimizer's momentum to RigL's score::
 
-  def grow_by_momentum(ctx):
-    return jnp.abs(ctx.inner_moments[0])        # Adam's mu, SGD's trace
-  sparsejax.register_criterion("momentum_magnitude", grow_by_momentum)
+  def grow_by_gradient_and_momentum(ctx):
+    return jnp.abs(ctx.grad) + jnp.abs(ctx.inner_moments[0])   # Adam's mu, SGD's trace
+  sparsejax.register_criterion("gradient_plus_momentum", grow_by_gradient_and_momentum)
   tx = sparsejax.dynamic_sparse(optax.adam(1e-3), sparsity=0.9, end_step=1000,
-                                grow="momentum_magnitude")
+                                grow="gradient_plus_momentum")
+
+Note: gradients are masked before the inner optimizer, so its moments are exactly 0 at
+positions that have been pruned for a while; a momentum-only grow score mostly regrows the
+weights dropped in the same update. Combine it with the dense gradient, as above.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ def random_scores(ctx: base.ScoreContext) -> jax.Array:
 
 def momentum_magnitude(ctx: base.ScoreContext) -> jax.Array:
   """``|m|`` of the inner optimizer's first param-shaped state (Adam ``mu``, SGD trace).
+
+  The moments are 0 at long-pruned positions (gradients are masked before the inner
+  optimizer), so as a grow criterion this mostly regrows weights dropped in the same
+  update; useful as a drop criterion or combined with the gradient.
 
   Raises:
     ValueError: at trace time if the inner optimizer keeps no param-shaped state.

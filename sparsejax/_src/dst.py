@@ -35,6 +35,7 @@ Conventions (ALGORITHMS.md §10):
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any, NamedTuple, Protocol
@@ -253,7 +254,9 @@ def _make_drop_fraction_schedule(drop_fraction, decay: str, start_step: int, end
   raise ValueError(f"`drop_fraction_decay` must be 'cosine' or 'constant', got {decay!r}.")
 
 
-def is_mask_update_step(count, *, update_every: int | None, start_step: int, end_step: int | None):
+def is_mask_update_step(
+  count, *, update_every: int | None, start_step: int = 0, end_step: int | None
+):
   """Whether step ``count`` is a mask-update step (see the module docstring)."""
   if update_every is None or end_step is None:
     return jnp.zeros((), bool)
@@ -294,6 +297,11 @@ def _reset_inner_state(inner, inner_state, grown: list[Any], treedef):
   return optax.tree_utils.tree_map_params(
     inner, reset, inner_state, grown_tree, is_leaf=base.is_masked_node
   )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _random_mask(structure, key, shape, sparsity):
+  return structure.random_mask(key, shape, sparsity)
 
 
 def _is_params_placeholder(params: Any) -> bool:
@@ -442,11 +450,11 @@ def dynamic_sparse(
       # optax.tree_utils.tree_map_params probes init with a placeholder: report where the
       # param-shaped trees are (the masks and the inner state's), without building masks.
       return DynamicSparseState(
-          count=jnp.zeros([], jnp.int32),
-          key=jax.random.PRNGKey(seed),
-          masks=params,
-          inner_state=inner.init(params),
-          skipped_updates=jnp.zeros([], jnp.int32),
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.PRNGKey(seed),
+        masks=params,
+        inner_state=inner.init(params),
+        skipped_updates=jnp.zeros([], jnp.int32),
       )
     paths, leaves, treedef = flatten_with_paths_checked(params)
     layer_sparsity = sparsities_for(params)
@@ -456,7 +464,7 @@ def dynamic_sparse(
       if s is None:
         masks.append(optax.MaskedNode())
       else:
-        masks.append(structure.random_mask(jax.random.fold_in(key, i), leaf.shape, s))
+        masks.append(_random_mask(structure, jax.random.fold_in(key, i), tuple(leaf.shape), s))
     return DynamicSparseState(
       count=jnp.zeros([], jnp.int32),
       key=key,
