@@ -5,6 +5,9 @@ Implementation lives in private modules under ``sparsejax._src``; do not import 
 """
 
 from sparsejax._src.base import ScoreContext as ScoreContext
+from sparsejax._src.checkpointing import CheckpointManager as CheckpointManager
+from sparsejax._src.checkpointing import CheckpointMismatchError as CheckpointMismatchError
+from sparsejax._src.checkpointing import CorruptCheckpointError as CorruptCheckpointError
 from sparsejax._src.condensed import Condensed as Condensed
 from sparsejax._src.condensed import NotConstantFanInError as NotConstantFanInError
 from sparsejax._src.condensed import condense as condense
@@ -42,6 +45,23 @@ from sparsejax._src.dst import rigl as rigl
 from sparsejax._src.dst import set_ as set_
 from sparsejax._src.dst import static_sparse as static_sparse
 from sparsejax._src.dst import summarize as summarize
+from sparsejax._src.metrics import JsonlWriter as JsonlWriter
+from sparsejax._src.metrics import LoggingWriter as LoggingWriter
+from sparsejax._src.metrics import MetricWriter as MetricWriter
+from sparsejax._src.metrics import MultiWriter as MultiWriter
+from sparsejax._src.metrics import ReportProgress as ReportProgress
+from sparsejax._src.metrics import TensorBoardWriter as TensorBoardWriter
+from sparsejax._src.metrics import create_default_writer as create_default_writer
+from sparsejax._src.metrics import estimate_flops as estimate_flops
+from sparsejax._src.metrics import ever_active_fraction as ever_active_fraction
+from sparsejax._src.metrics import fan_in_stats as fan_in_stats
+from sparsejax._src.metrics import init_ever_active as init_ever_active
+from sparsejax._src.metrics import mask_summary as mask_summary
+from sparsejax._src.metrics import mask_turnover as mask_turnover
+from sparsejax._src.metrics import read_jsonl as read_jsonl
+from sparsejax._src.metrics import sparse_leaves as sparse_leaves
+from sparsejax._src.metrics import to_scalars as to_scalars
+from sparsejax._src.metrics import update_ever_active as update_ever_active
 from sparsejax._src.nm_format import NMSparse as NMSparse
 from sparsejax._src.nm_format import index_bits as index_bits
 from sparsejax._src.nm_format import is_nm_sparse as is_nm_sparse
@@ -62,6 +82,11 @@ from sparsejax._src.nm_layers import NMDenseLinen as NMDenseLinen
 from sparsejax._src.nm_layers import NMIndices as NMIndices
 from sparsejax._src.nm_layers import nm_dense_from_kernel as nm_dense_from_kernel
 from sparsejax._src.nm_layers import nm_dense_linen_variables as nm_dense_linen_variables
+from sparsejax._src.plotting import plot_curves as plot_curves
+from sparsejax._src.plotting import plot_fan_in_heatmap as plot_fan_in_heatmap
+from sparsejax._src.plotting import plot_layer_sparsity as plot_layer_sparsity
+from sparsejax._src.plotting import plot_topology as plot_topology
+from sparsejax._src.plotting import save_figure as save_figure
 from sparsejax._src.selection import drop_and_grow as drop_and_grow
 from sparsejax._src.selection import grouped_drop_and_grow as grouped_drop_and_grow
 from sparsejax._src.selection import topk_mask as topk_mask

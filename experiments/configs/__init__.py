@@ -1,0 +1,1 @@
+"""Experiment configs: ``default.py`` (the base) and one file per DST method."""

@@ -1,0 +1,138 @@
+r"""Base config for the sparsejax experiments (dense training of a 1-D CNN on MNIST-1D).
+
+Every method file (``rigl.py``, ``set.py``, ...) starts from :func:`get_config` and changes
+``config.dst``. Launch (dense baseline)::
+
+  python -m experiments.main --config experiments/configs/default.py --workdir /tmp/sparsejax_default
+
+Presets (``file.py:preset``, comma-separated): ``smoke`` (a few dozen steps on a small
+model and dataset, seconds; used by the tests and notebooks).
+Override any field: ``--config.dst.sparsity=0.95 --config.num_train_steps=3000``. The config
+is locked, so a misspelt field is an error.
+
+The ``config.dst`` vocabulary (ECOSYSTEM.md §1 row 4):
+
+* ``method``: ``dense``, ``static``, ``set``, ``rigl``, ``srigl``, ``nm_sr_ste``.
+* ``sparsity``: fraction of zeros over the sparse layers (not density).
+* ``distribution``: ``uniform``, ``erdos_renyi`` or ``erk``.
+* ``update_every``: ΔT, steps between mask updates.
+* ``start_step``: first step that may update masks (exclusive, see ``sparsejax.dynamic_sparse``).
+* ``end_fraction``: mask updates stop at ``end_fraction · num_train_steps`` (0.75 as RigL/SRigL).
+* ``drop_fraction``, ``drop_fraction_decay``: α and its decay (``cosine`` or ``constant``).
+* ``structure``: ``unstructured``, ``nm:2:4`` (any ``nm:N:M``) or ``fan_in``.
+* ``drop``, ``grow``: criterion names (registered with ``sparsejax.register_criterion``);
+  empty = the method's default.
+* ``grow_init``: value of newly grown weights.
+* ``keep_first_dense``, ``keep_last_dense``: keep the first/last kernel dense.
+* ``gamma_sal``: SRigL's neuron-ablation saliency threshold γ_sal.
+* ``seed``: seed of the initial masks and of random criteria.
+"""
+
+import ml_collections
+
+PRESETS = ("smoke",)
+
+
+def parse_presets(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> set[str]:
+  """Splits ``"a,b"`` into ``{"a", "b"}`` and checks every name against ``allowed``."""
+  names = {a.strip() for a in (arg or "").split(",") if a.strip()}
+  unknown = names - set(allowed)
+  if unknown:
+    raise ValueError(
+      f"Unknown config preset(s) {sorted(unknown)}; allowed: {', '.join(allowed)} "
+      "(e.g. --config experiments/configs/rigl.py:smoke)."
+    )
+  return names
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the base config; ``arg`` names presets (``"smoke"``)."""
+  presets = parse_presets(arg)
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Data.
+  config.dataset = "mnist1d"  # mnist1d | digits | teacher_student
+  config.data = ml_collections.ConfigDict()
+  config.data.num_samples = 5000  # MNIST-1D: 4000 train / 1000 test.
+  config.data.mnist1d_seed = 42  # the benchmark's fixed generation seed.
+  config.data.cache_dir = ""  # "" = <workdir>/data
+
+  # Model.
+  config.model = "cnn1d"  # mlp | cnn1d | cnn2d
+  config.model_kwargs = ml_collections.ConfigDict()
+  config.model_kwargs.mlp_features = (300, 100)
+  config.model_kwargs.cnn_channels = 64
+  config.model_kwargs.cnn2d_channels = (32, 64)
+  config.model_kwargs.cnn2d_hidden = 128
+
+  # Optimization.
+  config.optimizer = "sgd"  # sgd | adam | adamw
+  config.learning_rate = 0.05
+  config.momentum = 0.9
+  config.nesterov = True
+  config.weight_decay = 1e-4
+  config.lr_schedule = "cosine"  # constant | cosine
+  config.warmup_steps = 100
+  config.batch_size = 128
+  config.num_train_steps = 4000
+
+  # Dynamic sparse training.
+  config.dst = ml_collections.ConfigDict()
+  config.dst.method = "dense"  # dense | static | set | rigl | srigl | nm_sr_ste
+  config.dst.sparsity = 0.9
+  config.dst.distribution = "erk"  # uniform | erdos_renyi | erk
+  config.dst.update_every = 100
+  config.dst.start_step = 0
+  config.dst.end_fraction = 0.75
+  config.dst.drop_fraction = 0.3
+  config.dst.drop_fraction_decay = "cosine"  # cosine | constant
+  config.dst.structure = "unstructured"  # unstructured | nm:N:M | fan_in
+  config.dst.drop = ""  # "" = the method's default criterion
+  config.dst.grow = ""
+  config.dst.grow_init = 0.0
+  config.dst.keep_first_dense = False
+  config.dst.keep_last_dense = False
+  config.dst.gamma_sal = 0.3
+  config.dst.seed = 0
+
+  # Logging, evaluation, checkpoints.
+  config.log_every_steps = 100
+  config.eval_every_steps = 1000
+  config.checkpoint_every_steps = 1000
+  config.max_checkpoints_to_keep = 2
+  config.async_checkpointing = True
+  config.progress_every_steps = 0  # 0 = time-based only
+  config.progress_every_secs = 10.0
+  config.stop_after_step = -1  # >= 0: checkpoint and stop there (simulated preemption)
+  config.write_plots = True
+  config.tensorboard = False
+  config.extra_imports = ()  # modules imported before the optimizer is built
+  config.jax_cache_dir = ""  # JAX persistent compilation cache ("" = off)
+
+  if "smoke" in presets:
+    apply_smoke(config)
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """Shrinks a config to a run of seconds (tests, notebooks); compilation dominates it.
+
+  400 steps on 2000 MNIST-1D samples with a 32-channel CNN: long enough to learn something
+  (about 50% test accuracy for RigL at 90% sparsity), short enough to run in the tests.
+  """
+  config.data.num_samples = 2000
+  config.model_kwargs.mlp_features = (64, 32)
+  config.model_kwargs.cnn_channels = 32
+  config.model_kwargs.cnn2d_channels = (8, 16)
+  config.model_kwargs.cnn2d_hidden = 32
+  config.batch_size = 32
+  config.learning_rate = 0.1
+  config.num_train_steps = 400
+  config.warmup_steps = 10
+  config.dst.update_every = 50
+  config.log_every_steps = 50
+  config.eval_every_steps = 200
+  config.checkpoint_every_steps = 200
+  config.progress_every_secs = 5.0
+  config.write_plots = False
