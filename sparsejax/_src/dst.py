@@ -8,8 +8,10 @@ weights exactly zero after ``optax.apply_updates``: there is no training-loop ho
 Data flow of one step (DESIGN.md §2)::
 
   grads (dense) ─► mask-update step?  (lax.cond on the step count; other steps skip it)
-                    yes: per sparse leaf: drop/grow scores → structured drop-and-grow;
-                         inner-optimizer state reset to 0 at newly grown positions
+                    yes: per sparse leaf: drop/grow scores → structured drop-and-grow
+                    (the cond returns only the bool masks: no param-sized copies)
+               ─► inner-optimizer state reset to 0 at newly grown positions (a fused no-op
+                  on other steps)
                ─► grads masked by (mask ∩ previous mask) → inner.update
                ─► updates = where(mask, inner updates, -params); grown: grow_init - params
 
@@ -515,18 +517,15 @@ def dynamic_sparse(
         out.append(jnp.where(m, u, pruned))
       return jax.tree.unflatten(treedef, out), new_inner_state
 
-    def regular_step(_):
-      grad_masks = [None if base.is_masked_node(m) else m for m in mask_leaves]
-      new_updates, inner_state = emit(grad_masks, [None] * len(grads), state.inner_state)
-      return new_updates, state.masks, inner_state, state.skipped_updates
+    def keep_masks(_):
+      return [mask_leaves[i] for i in sparse_idx], jnp.ones([], bool)
 
-    def mask_update_step(_):
+    def compute_new_masks(_):
       count = state.count
       step_key = jax.random.fold_in(state.key, count)
       df = drop_fraction_fn(count)
       moments = _inner_moments(inner, state.inner_state, len(grads), treedef)
-      new_masks = list(mask_leaves)
-      kept_masks = list(mask_leaves)
+      new_masks = []
       finite = jnp.ones([], bool)
       for i in sparse_idx:
         mask = mask_leaves[i]
@@ -551,27 +550,13 @@ def dynamic_sparse(
         finite = finite & jnp.all(jnp.isfinite(drop_scores)) & jnp.all(jnp.isfinite(grow_scores))
         nnz = jnp.sum(mask, dtype=jnp.int32)
         n_drop = jnp.floor(nnz.astype(jnp.float32) * df).astype(jnp.int32)
-        new, kept = leaf_update(
+        new, _ = leaf_update(
           ctx, drop_scores, grow_scores, n_drop, layer_sparsity[i], structure, sparse_paths
         )
-        new_masks[i], kept_masks[i] = new, kept
-      # NaN/inf anywhere: leave every mask unchanged and count the skip.
-      for i in sparse_idx:
-        new_masks[i] = jnp.where(finite, new_masks[i], mask_leaves[i])
-      grown = [None] * len(grads)
-      grad_masks = [None] * len(grads)
-      for i in sparse_idx:
-        grown[i] = new_masks[i] & ~mask_leaves[i]
-        grad_masks[i] = new_masks[i] & mask_leaves[i]
-      inner_state = _reset_inner_state(inner, state.inner_state, grown, treedef)
-      new_updates, inner_state = emit(grad_masks, grown, inner_state)
-      masks_tree = jax.tree.unflatten(treedef, new_masks)
-      return (
-        new_updates,
-        masks_tree,
-        inner_state,
-        state.skipped_updates + (~finite).astype(jnp.int32),
-      )
+        new_masks.append(new)
+      # NaN/inf anywhere: leave every mask unchanged (the skip is counted by the caller).
+      new_masks = [jnp.where(finite, n, mask_leaves[i]) for n, i in zip(new_masks, sparse_idx)]
+      return new_masks, finite
 
     if not sparse_idx:  # nothing is sparse (e.g. sparsity 0): exactly the inner optimizer.
       new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
@@ -579,16 +564,30 @@ def dynamic_sparse(
         count=optax.safe_int32_increment(state.count), inner_state=inner_state
       )
 
-    do_update = is_mask_update_step(
-      state.count, update_every=update_every, start_step=start_step, end_step=end_step
-    )
-    new_updates, masks, inner_state, skipped = lax.cond(
-      do_update, mask_update_step, regular_step, None
-    )
+    grad_masks = [None if base.is_masked_node(m) else m for m in mask_leaves]
+    grown = [None] * len(grads)
+    new_mask_leaves = list(mask_leaves)
+    inner_state = state.inner_state
+    skipped = state.skipped_updates
+    if update_every is not None:
+      # Only the selection sits in the conditional; it returns nothing but bool masks, so the
+      # regular step pays no copies of params or optimizer state through the cond.
+      do_update = is_mask_update_step(
+        state.count, update_every=update_every, start_step=start_step, end_step=end_step
+      )
+      sparse_new, finite = lax.cond(do_update, compute_new_masks, keep_masks, None)
+      skipped = skipped + (~finite).astype(jnp.int32)
+      for i, new in zip(sparse_idx, sparse_new, strict=True):
+        old = mask_leaves[i]
+        new_mask_leaves[i] = new
+        grown[i] = new & ~old
+        grad_masks[i] = new & old
+      inner_state = _reset_inner_state(inner, inner_state, grown, treedef)
+    new_updates, inner_state = emit(grad_masks, grown, inner_state)
     new_state = DynamicSparseState(
       count=optax.safe_int32_increment(state.count),
       key=state.key,
-      masks=masks,
+      masks=jax.tree.unflatten(treedef, new_mask_leaves),
       inner_state=inner_state,
       skipped_updates=skipped,
     )
