@@ -37,7 +37,7 @@ Inference paths (:func:`condensed_matmul`, chosen at trace time from static shap
 * ``"native"``: fused C++ kernel through the XLA FFI (CPU, float32), built by
   ``setup.py``. SIMD gathers at batch 1-2, transposed batch tiles above. On the 2-core
   dev machine it beat dense at every batch measured (1 to 1024) at 70-99% sparsity
-  (see ``benchmarks/RESULTS_condensed.md``).
+  (see ``benchmarks/RESULTS.md``).
 * ``"gather"``: XLA ``take`` + ``einsum`` (the only pure-XLA formulation that beats
   dense, at batch 1-2 on >= 80%-sparse layers; the literal SRigL gather-multiply-sum is
   much slower).
@@ -83,7 +83,7 @@ INT16_MAX_FAN_IN = 32767
 """Largest fan-in size ``K`` stored with int16 indices (int32 above)."""
 
 # Dispatch thresholds, measured by benchmarks/condensed_inference.py on the 2-core dev
-# machine (Xeon, AVX-512, jax 0.10.2; figures in benchmarks/RESULTS_condensed.md).
+# machine (Xeon, AVX-512, jax 0.10.2; figures in benchmarks/RESULTS.md).
 # XLA gather + einsum beats dense only at tiny batches (it materialises [B, n_active, k])
 # and only on sparse layers (batch 1: 0.9-1.2x at 80% sparsity, 2x at 90%, 0.5x at 70%).
 _GATHER_MAX_BATCH = 2

@@ -36,7 +36,7 @@ default of ``pl.pallas_call`` in jax 0.10.x), the ``"grid"`` kernels on TPU
 (Mosaic), and the pure-JAX decompress-then-dot reference on CPU and other
 platforms. On XLA:CPU that reference is the best N:M formulation from batch
 ~8 up but still slower than a dense matmul on pre-masked weights
-(``docs/KERNELS.md`` §4, ``benchmarks/RESULTS_nm.md``): on CPU, N:M storage
+(``docs/KERNELS.md`` §4, ``benchmarks/RESULTS.md``): on CPU, N:M storage
 saves memory, not time. Shapes the kernels do not cover (M not a power of
 two, an empty batch, a dtype other than float32/bfloat16/float16) use the
 reference everywhere.
