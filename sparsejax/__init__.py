@@ -90,6 +90,12 @@ from sparsejax._src.plotting import save_figure as save_figure
 from sparsejax._src.selection import drop_and_grow as drop_and_grow
 from sparsejax._src.selection import grouped_drop_and_grow as grouped_drop_and_grow
 from sparsejax._src.selection import topk_mask as topk_mask
+from sparsejax._src.sharding import abstract_opt_state as abstract_opt_state
+from sparsejax._src.sharding import fsdp_param_specs as fsdp_param_specs
+from sparsejax._src.sharding import named_shardings as named_shardings
+from sparsejax._src.sharding import opt_state_shardings as opt_state_shardings
+from sparsejax._src.sharding import param_specs_from_rules as param_specs_from_rules
+from sparsejax._src.sharding import shard_dst_init as shard_dst_init
 from sparsejax._src.sr_ste import NMSRSTEState as NMSRSTEState
 from sparsejax._src.sr_ste import default_nm_filter as default_nm_filter
 from sparsejax._src.sr_ste import mdgf_schedule as mdgf_schedule

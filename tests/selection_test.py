@@ -1,7 +1,5 @@
 """Tests of the exact top-k selection and drop-and-grow primitives."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
