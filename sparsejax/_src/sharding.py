@@ -286,7 +286,7 @@ def fsdp_param_specs(
     device when ``shape[0] / size(axis)`` is a multiple of ``m``;
   * ``"last"``: the trailing (neuron / ``out``) dimension. Keeps each neuron's fan-in on one
     device, but the layer-wise selection must then gather the layer (measured in
-    ``benchmarks/RESULTS_sharded.md``);
+    ``benchmarks/RESULTS.md``);
   * ``"largest"``: the largest divisible dimension, ties to the earlier one.
 
   When the preferred dimension is not divisible, the largest divisible one is used (so
