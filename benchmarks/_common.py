@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -34,16 +35,26 @@ def block(x):
   return jax.block_until_ready(x)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict:
-  """Times each ``fn()`` (which must block) round-robin; returns per-name lists of seconds."""
+def interleaved(
+  fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2, seed: int = 0
+) -> dict:
+  """Times each ``fn()`` (which must block) round-robin; returns per-name lists of seconds.
+
+  The order inside each round is shuffled (seeded), so that no function always runs right
+  after the same neighbour: a call that frees a lot of memory or evicts the caches (e.g. a
+  mask-update step) would otherwise bias the one that always follows it.
+  """
   for _ in range(warmup):
     for fn in fns.values():
       fn()
+  rng = random.Random(seed)
+  names = list(fns)
   times = {name: [] for name in fns}
   for _ in range(rounds):
-    for name, fn in fns.items():
+    rng.shuffle(names)
+    for name in names:
       t0 = time.perf_counter()
-      fn()
+      fns[name]()
       times[name].append(time.perf_counter() - t0)
   return times
 
