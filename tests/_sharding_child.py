@@ -24,8 +24,9 @@ sharded along ``out`` and some along ``in``) and the batch sharded over both axe
 * ``data_parallel``: the full sharded step (gradient computed on the mesh, so the compiler
   all-reduces it): masks equal the single-device run at every step; params within a tight
   tolerance, with the gradient difference at step 0 (identical params) reported;
-* ``explicit_mesh`` (once): whether ``tx.update`` runs under a ``jax.make_mesh`` default
-  (Explicit axes) mesh; a known limitation, see docs/SHARDING.md.
+* ``explicit_mesh`` (argument ``explicit_mesh:<method>``): the same method under a
+  ``jax.make_mesh`` default (Explicit axes) mesh and ``jax.set_mesh``: masks typed with their
+  params' shardings, state types kept, K updates bit-exact against one device.
 """
 
 from __future__ import annotations
@@ -277,32 +278,61 @@ def check_method(name: str, mesh, x_all, y_all) -> None:
   )
 
 
-def check_explicit_mesh() -> None:
-  """The optax sharding_test pattern under an Explicit-axes mesh (jax.make_mesh's default).
+def check_explicit_mesh(name: str) -> None:
+  """RigL/SET/SRigL/N:M under an Explicit-axes mesh (``jax.make_mesh``'s default).
 
-  Under ``jax.set_mesh``, jitted ``init`` should give masks the params' sharding type and
-  jitted ``update`` should keep every state type. A known limitation today (the mask update
-  reshapes sharded arrays); see docs/SHARDING.md.
+  Under ``jax.set_mesh``, jitted ``init`` gives every mask its param's sharding type; K
+  jitted ``update`` steps (same gradients as the single-device run, mask updates included)
+  keep every state type and equal the single-device run bit for bit.
   """
   mesh = jax.make_mesh((2, 4), ("data", "fsdp"))  # default axis types: Explicit
-  tx = METHODS["rigl"]()
+  tx = METHODS[name]()
   problems = []
+  host_params = make_params()
+  grads = [
+    jax.tree.map(
+      lambda p, k=k: jax.random.normal(jax.random.PRNGKey(100 + k), p.shape), host_params
+    )
+    for k in range(STEPS)
+  ]
+  ref_update = jax.jit(tx.update)
+  ref_state = jax.jit(tx.init)(host_params)
+  ref_params = host_params
+  ref_traj = []
+  for g in grads:
+    u, ref_state = ref_update(g, ref_state, ref_params)
+    ref_params = optax.apply_updates(ref_params, u)
+    ref_traj.append(host((ref_params, ref_state)))
+  # One kernel sharded along out, one along in (as the FSDP specs of check_method).
+  specs = {
+    "layer0": {"kernel": P(None, "fsdp"), "bias": P()},
+    "layer1": {"kernel": P("fsdp"), "bias": P()},
+  }
   with jax.set_mesh(mesh):
-    params = {
-      "v": jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (32, 16)), P("fsdp", None)),
-      "w": jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (16, 32)), P(None, "fsdp")),
-    }
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    params = jax.device_put(host_params, shardings)
     try:
-      state0 = jax.jit(tx.init)(params)
-      for k, p in params.items():
-        if jax.typeof(state0.masks[k]).sharding.spec != jax.typeof(p).sharding.spec:
-          problems.append(f"init: mask {k} is {jax.typeof(state0.masks[k])}, param {jax.typeof(p)}")
-      _, state1 = jax.jit(tx.update)(params, state0, params)
-      if jax.tree.map(jax.typeof, state0) != jax.tree.map(jax.typeof, state1):
-        problems.append("update changed the state's types")
+      state = jax.jit(tx.init)(params)
+      for layer, leaves in state.masks.items():
+        for leaf, m in leaves.items():
+          p_type = jax.typeof(params[layer][leaf])
+          if hasattr(m, "shape") and jax.typeof(m).sharding.spec != p_type.sharding.spec:
+            problems.append(f"init: mask {layer}/{leaf} is {jax.typeof(m)}, param {p_type}")
+      types0 = jax.tree.map(jax.typeof, state)
+      update = jax.jit(tx.update)
+      for k, g in enumerate(grads):
+        u, state = update(jax.device_put(g, shardings), state, params)
+        params = optax.apply_updates(params, u)
+        if jax.tree.map(jax.typeof, state) != types0:
+          problems.append(f"step {k}: update changed the state's types")
+        if not trees_equal(host((params, state)), ref_traj[k]):
+          problems.append(f"step {k}: params/state differ from the single-device run")
+      changed = not trees_equal(host(state.masks), host(jax.jit(tx.init)(host_params).masks))
+      if not changed:
+        problems.append("the masks never changed: no mask update was exercised")
     except Exception as e:  # noqa: BLE001 - reported to the parent
-      problems.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-  emit("explicit_mesh", not problems, method="rigl", problems=problems)
+      problems.append(f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+  emit("explicit_mesh", not problems, method=name, problems=problems)
 
 
 def main(argv) -> int:
@@ -314,8 +344,8 @@ def main(argv) -> int:
   x_all, y_all = data()
   names = [a for a in argv if not a.startswith("-")] or list(METHODS)
   for name in names:
-    if name == "explicit_mesh":
-      check_explicit_mesh()
+    if name.startswith("explicit_mesh:"):
+      check_explicit_mesh(name.split(":", 1)[1])
       continue
     t0 = time.perf_counter()
     try:

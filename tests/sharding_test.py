@@ -39,7 +39,10 @@ from sparsejax._src import sharding as shd
 
 _CHILD = Path(__file__).with_name("_sharding_child.py")
 _ROOT = Path(__file__).resolve().parents[1]
-_GROUPS = (("rigl", "set", "explicit_mesh"), ("srigl", "rigl_nm24"))
+_GROUPS = (
+  ("rigl", "set", "explicit_mesh:rigl", "explicit_mesh:set"),
+  ("srigl", "rigl_nm24", "explicit_mesh:srigl", "explicit_mesh:rigl_nm24"),
+)
 _METHODS = ("rigl", "set", "srigl", "rigl_nm24")
 _TIMEOUT_S = 900
 
@@ -157,15 +160,10 @@ def test_data_parallel_masks_identical(results, method):
   assert r["traces"] == {"ref": 1, "sharded": 1}, r
 
 
-@pytest.mark.xfail(
-  strict=True,
-  reason="Known limitation: under an Explicit-axes mesh (jax.make_mesh's default) DST init "
-  "gives replicated masks and the mask update's reshapes of sharded arrays raise "
-  "ShardingTypeError; use AxisType.Auto meshes (docs/SHARDING.md). Remove this marker when "
-  "dst.py handles Explicit axes.",
-)
-def test_explicit_axes_mesh(results):
-  r = _get(results, "explicit_mesh")
+@pytest.mark.parametrize("method", _METHODS)
+def test_explicit_axes_mesh_bit_exact(results, method):
+  """jax.make_mesh's default (Explicit axes) under jax.set_mesh: typed masks, exact updates."""
+  r = _get(results, "explicit_mesh", method)
   assert r["ok"], r
 
 

@@ -136,3 +136,29 @@ def nnz_for_sparsity(size: int, sparsity: float) -> int:
 
 def shape_size(shape: Sequence[int]) -> int:
   return int(np.prod(shape, dtype=np.int64))
+
+
+# --------------------------------------------------------------------------------------
+# Explicit sharding ("sharding in types", the default axis type of jax.make_mesh).
+# --------------------------------------------------------------------------------------
+
+
+def explicit_sharding_spec(x: Any) -> jax.sharding.PartitionSpec | None:
+  """``x``'s ``PartitionSpec`` when its type carries an Explicit-axes mesh, else None.
+
+  Under Auto axes (or without a mesh) shardings are not part of the type and the compiler
+  propagates them; nothing needs to be done then.
+  """
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+    return None
+  return sharding.spec
+
+
+def reshard_like(x: jax.Array, like: Any) -> jax.Array:
+  """Gives ``x`` the Explicit sharding of ``like`` (same shape); a no-op otherwise."""
+  if explicit_sharding_spec(like) is None:
+    return x
+  concrete = isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer)
+  return jax.sharding.reshard(x, like.sharding if concrete else jax.typeof(like).sharding)

@@ -466,7 +466,8 @@ def dynamic_sparse(
       if s is None:
         masks.append(optax.MaskedNode())
       else:
-        masks.append(_random_mask(structure, jax.random.fold_in(key, i), tuple(leaf.shape), s))
+        mask = _random_mask(structure, jax.random.fold_in(key, i), tuple(leaf.shape), s)
+        masks.append(base.reshard_like(mask, leaf))  # Explicit meshes: shard like the param
     return DynamicSparseState(
       count=jnp.zeros([], jnp.int32),
       key=key,
@@ -517,46 +518,50 @@ def dynamic_sparse(
         out.append(jnp.where(m, u, pruned))
       return jax.tree.unflatten(treedef, out), new_inner_state
 
-    def keep_masks(_):
-      return [mask_leaves[i] for i in sparse_idx], jnp.ones([], bool)
+    def leaf_flips(i, count, key, param, grad, mask, moments):
+      """Leaf ``i``'s mask update as flips (``new ^ old``), and whether its scores were finite.
 
-    def compute_new_masks(_):
-      count = state.count
-      step_key = jax.random.fold_in(state.key, count)
-      df = drop_fraction_fn(count)
-      moments = _inner_moments(inner, state.inner_state, len(grads), treedef)
-      new_masks = []
-      finite = jnp.ones([], bool)
-      for i in sparse_idx:
-        mask = mask_leaves[i]
-        drop_key, grow_key = jax.random.split(jax.random.fold_in(step_key, i))
-        ctx = base.ScoreContext(
-          param=param_leaves[i],
-          grad=grads[i],
-          mask=mask,
-          key=drop_key,
-          step=count,
-          path=paths[i],
-          inner_moments=moments[i],
-        )
-        drop_scores = drop_fn(ctx)
-        grow_scores = grow_fn(ctx._replace(key=grow_key))
-        for name, s in (("drop", drop_scores), ("grow", grow_scores)):
-          if s.shape != mask.shape:
-            raise ValueError(
-              f"`{name}` criterion returned shape {s.shape} for {paths[i]!r}; expected "
-              f"{mask.shape} (the param's shape)."
-            )
-        finite = finite & jnp.all(jnp.isfinite(drop_scores)) & jnp.all(jnp.isfinite(grow_scores))
-        nnz = jnp.sum(mask, dtype=jnp.int32)
-        n_drop = jnp.floor(nnz.astype(jnp.float32) * df).astype(jnp.int32)
-        new, _ = leaf_update(
-          ctx, drop_scores, grow_scores, n_drop, layer_sparsity[i], structure, sparse_paths
-        )
-        new_masks.append(new)
-      # NaN/inf anywhere: leave every mask unchanged (the skip is counted by the caller).
-      new_masks = [jnp.where(finite, n, mask_leaves[i]) for n, i in zip(new_masks, sparse_idx)]
-      return new_masks, finite
+      Runs inside the conditional, only on mask-update steps; every array it reads is an
+      argument (Explicit meshes convert arguments, not closed-over values, to Auto axes).
+      """
+      drop_key, grow_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, count), i))
+      ctx = base.ScoreContext(
+        param=param,
+        grad=grad,
+        mask=mask,
+        key=drop_key,
+        step=count,
+        path=paths[i],
+        inner_moments=moments,
+      )
+      drop_scores = drop_fn(ctx)
+      grow_scores = grow_fn(ctx._replace(key=grow_key))
+      for name, scores in (("drop", drop_scores), ("grow", grow_scores)):
+        if scores.shape != mask.shape:
+          raise ValueError(
+            f"`{name}` criterion returned shape {scores.shape} for {paths[i]!r}; expected "
+            f"{mask.shape} (the param's shape)."
+          )
+      finite = jnp.all(jnp.isfinite(drop_scores)) & jnp.all(jnp.isfinite(grow_scores))
+      nnz = jnp.sum(mask, dtype=jnp.int32)
+      n_drop = jnp.floor(nnz.astype(jnp.float32) * drop_fraction_fn(count)).astype(jnp.int32)
+      new, _ = leaf_update(
+        ctx, drop_scores, grow_scores, n_drop, layer_sparsity[i], structure, sparse_paths
+      )
+      return new ^ mask, finite
+
+    def update_branch(i):
+      """The cond's update branch for leaf ``i`` (no operands: they are closed over)."""
+      fn = functools.partial(leaf_flips, i)
+      spec = base.explicit_sharding_spec(mask_leaves[i])
+      if spec is not None:
+        # Explicit axes: selections flatten and scatter, which Explicit types reject; run the
+        # selection with the compiler choosing shardings, and give the flips the mask's.
+        fn = jax.sharding.auto_axes(fn, out_sharding=(spec, jax.sharding.PartitionSpec()))
+      return fn(state.count, state.key, param_leaves[i], grads[i], mask_leaves[i], all_moments[i])
+
+    def no_flips(i):
+      return jnp.zeros_like(mask_leaves[i]), jnp.ones([], bool)
 
     if not sparse_idx:  # nothing is sparse (e.g. sparsity 0): exactly the inner optimizer.
       new_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
@@ -570,18 +575,34 @@ def dynamic_sparse(
     inner_state = state.inner_state
     skipped = state.skipped_updates
     if update_every is not None:
-      # Only the selection sits in the conditional; it returns nothing but bool masks, so the
-      # regular step pays no copies of params or optimizer state through the cond.
+      # Only the selection sits in the conditionals, one per sparse leaf, and each returns the
+      # mask's flips (new ^ old; all False on other steps), never params, optimizer state or
+      # the masks themselves. Measured on XLA:CPU (benchmarks/RESULTS.md): returning the
+      # masks costs two copies per mask per step (the pass-through branch and the donated
+      # output), one cond for all leaves keeps every leaf's selection temporaries alive at
+      # once (a temp buffer twice as large, page-faulted on every step once it passes glibc's
+      # 32 MiB mmap threshold), and running the inner update inside the cond copies params
+      # and state through it (1.5x). Below, the old masks are read only by `old ^ flips`, so
+      # the new masks are written in place.
       do_update = is_mask_update_step(
         state.count, update_every=update_every, start_step=start_step, end_step=end_step
       )
-      sparse_new, finite = lax.cond(do_update, compute_new_masks, keep_masks, None)
-      skipped = skipped + (~finite).astype(jnp.int32)
-      for i, new in zip(sparse_idx, sparse_new, strict=True):
-        old = mask_leaves[i]
+      all_moments = _inner_moments(inner, state.inner_state, len(grads), treedef)
+      flips = {}
+      all_finite = jnp.ones([], bool)
+      for i in sparse_idx:
+        flips[i], finite = lax.cond(
+          do_update, functools.partial(update_branch, i), functools.partial(no_flips, i)
+        )
+        all_finite = all_finite & finite
+      skipped = skipped + (~all_finite).astype(jnp.int32)
+      for i in sparse_idx:
+        # NaN/inf in any leaf's scores: leave every mask unchanged (counted in `skipped`).
+        flip = flips[i] & all_finite
+        new = mask_leaves[i] ^ flip
         new_mask_leaves[i] = new
-        grown[i] = new & ~old
-        grad_masks[i] = new & old
+        grown[i] = new & flip
+        grad_masks[i] = new & ~flip  # == old & new
       inner_state = _reset_inner_state(inner, inner_state, grown, treedef)
     new_updates, inner_state = emit(grad_masks, grown, inner_state)
     new_state = DynamicSparseState(
