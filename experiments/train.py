@@ -77,6 +77,7 @@ from flax import nnx
 import sparsejax as sj
 from experiments import data as data_lib
 from experiments import models as models_lib
+from experiments import parallel
 from experiments.configs import default as default_config
 
 METHODS = ("dense", "static", "set", "rigl", "srigl", "nm_sr_ste")
@@ -186,6 +187,15 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
       f"config.checkpoint_every_steps must be >= 0 (0 = only at the end); "
       f"got {c.checkpoint_every_steps}."
     )
+  mesh_sizes = parallel.mesh_shape(c.mesh, jax.device_count())
+  batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
+  if int(c.batch_size) % batch_shards:
+    raise ValueError(
+      f"config.batch_size={c.batch_size} must be divisible by config.mesh.data * "
+      f"config.mesh.fsdp = {batch_shards} (the batch is split over both axes)."
+    )
+  if int(c.mesh.min_shard_size) < 0:
+    raise ValueError(f"config.mesh.min_shard_size must be >= 0; got {c.mesh.min_shard_size}.")
   if c.learning_rate <= 0:
     raise ValueError(f"config.learning_rate must be > 0; got {c.learning_rate}.")
   if isinstance(c.extra_imports, str):
@@ -541,7 +551,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   Returns:
     Final metrics: ``test_accuracy``, ``test_loss``, ``step``, ``sparsity``,
     ``sparsity_global``, ``flops_dense``, ``flops_sparse``, ``wall_time_s``,
-    ``train_step_compiles``, ``resumed_from`` (step or None), ``method``.
+    ``train_step_compiles``, ``resumed_from`` (step or None), ``method``, ``mesh`` (axis
+    sizes and how many param leaves are sharded; ``{"devices": 1}`` without a mesh).
 
   Raises:
     ValueError: a bad config, or a checkpoint in ``workdir`` from a different model.
@@ -698,6 +709,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   odef, ostate_tree = nnx.split(optimizer)
   m_treedef, o_treedef = jax.tree.structure(mstate_tree), jax.tree.structure(ostate_tree)
   mstate, ostate = jax.tree.leaves(mstate_tree), jax.tree.leaves(ostate_tree)
+  mesh = parallel.make_mesh(config.mesh)
+  if mesh is not None:
+    # Params, masks and moments sharded like their params, counters replicated, the batch
+    # split over data x fsdp; jit's in/out shardings keep every step on that layout.
+    m_sh, o_sh, by_path = parallel.state_shardings(
+      mesh, mstate_tree, ostate_tree, min_shard_size=int(config.mesh.min_shard_size)
+    )
+    ever_sh = parallel.shardings_for_paths(mask_paths, by_path, mesh)
+    mstate, ostate = jax.device_put(mstate, m_sh), jax.device_put(ostate, o_sh)
+    ever_active = jax.device_put(list(ever_active), ever_sh)
+    mesh_info = parallel.describe(mesh, m_sh)
+    _say(f"Mesh {mesh_info}.")
+  else:
+    mesh_info = parallel.describe(None)
   del mstate_tree, ostate_tree
 
   def merge_model(leaves):
@@ -729,7 +754,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     }
     return jax.tree.leaves(nnx.state(m)), jax.tree.leaves(nnx.state(opt)), ever, out
 
-  train_step_jit = jax.jit(train_step, donate_argnums=(0, 1, 2))
+  if mesh is None:
+    train_step_jit = jax.jit(train_step, donate_argnums=(0, 1, 2))
+  else:
+    batch_sh = parallel.batch_sharding(mesh)
+    train_step_jit = jax.jit(
+      train_step,
+      in_shardings=(m_sh, o_sh, ever_sh, batch_sh, batch_sh),
+      out_shardings=(
+        m_sh,
+        o_sh,
+        ever_sh,
+        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+      ),
+      donate_argnums=(0, 1, 2),
+    )
 
   @jax.jit
   def eval_step(mstate, x, y):
@@ -943,6 +982,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     "train_step_compiles": int(compiles),
     "resumed_from": resumed_from,
     "timings": progress.summary(),
+    "mesh": mesh_info,
   }
   if step < num_steps:
     _say(f"Stopped at step {step}/{num_steps} (config.stop_after_step); resume by rerunning.")

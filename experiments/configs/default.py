@@ -26,6 +26,13 @@ The ``config.dst`` vocabulary (ECOSYSTEM.md §1 row 4):
 * ``keep_first_dense``, ``keep_last_dense``: keep the first/last kernel dense.
 * ``gamma_sal``: SRigL's neuron-ablation saliency threshold γ_sal.
 * ``seed``: seed of the initial masks and of random criteria.
+
+``config.mesh`` (``data``, ``fsdp``, ``model`` axis sizes, ``min_shard_size``) runs the same
+experiment on a device mesh, e.g. 8 fake CPU devices::
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.main \
+    --config experiments/configs/rigl.py --workdir /tmp/rigl_mesh \
+    --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.model=2
 """
 
 import ml_collections
@@ -95,6 +102,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dst.keep_last_dense = False
   config.dst.gamma_sal = 0.3
   config.dst.seed = 0
+
+  # Devices: a ("data", "fsdp", "model") mesh of Auto axes (experiments/parallel.py).
+  # 1, 1, 1 = one device; one size may be -1 (all remaining devices). Fake CPU devices:
+  # XLA_FLAGS=--xla_force_host_platform_device_count=8.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = 1  # data parallel: the batch is split, params replicated
+  config.mesh.fsdp = 1  # FSDP: the batch is split, params sharded along their input axis
+  config.mesh.model = 1  # tensor parallel: kernels sharded along their output axis
+  config.mesh.min_shard_size = 1024  # params with fewer elements stay replicated
 
   # Logging, evaluation, checkpoints.
   config.log_every_steps = 100

@@ -1,0 +1,181 @@
+"""Device mesh and shardings for the experiments (``config.mesh``).
+
+``config.mesh.data``, ``config.mesh.fsdp`` and ``config.mesh.model`` are the sizes of a
+``("data", "fsdp", "model")`` mesh of Auto axes over the first ``data·fsdp·model`` devices
+(one size may be ``-1``: all remaining devices). The default ``1, 1, 1`` runs on one device
+exactly as before. Fake CPU devices work: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+
+* ``data``: data parallel. The batch is split over ``data`` (and ``fsdp``); params are
+  replicated over it.
+* ``fsdp``: fully sharded data parallel. The batch is split over it too, and every param of at
+  least ``config.mesh.min_shard_size`` elements is sharded along its input-feature axis (the
+  largest non-last dimension divisible by the axis size: ``in`` of a Dense kernel, ``in`` of
+  a conv kernel). That layout keeps the DST mask update's exact top-k cheap: each device
+  holds a contiguous block of the flattened kernel (docs/SHARDING.md).
+* ``model``: tensor parallel. Kernels and biases are sharded along their output-feature
+  (last) axis when it is divisible by the axis size.
+
+The optimizer state (DST masks, inner moments) is sharded like the params it belongs to;
+counters and PRNG keys are replicated (:func:`sparsejax.opt_state_shardings` derives the same
+for plain optax states). Everything else is JAX's own machinery: ``jax.jit`` with
+``in_shardings``/``out_shardings`` and the compiler's collectives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "model")
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, device_count: int) -> dict[str, int]:
+  """Resolves ``config.mesh`` (one ``-1`` allowed) to axis sizes; checks the device count.
+
+  Raises:
+    ValueError: a size that is not a positive integer or -1, more than one -1, or more
+      devices asked for than exist (naming the field and the allowed values).
+  """
+  sizes = {}
+  for axis in AXES:
+    value = mesh_config[axis]
+    if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+      raise ValueError(
+        f"config.mesh.{axis} must be a positive integer or -1 (all remaining devices); "
+        f"got {value!r}."
+      )
+    sizes[axis] = value
+  free = [a for a in AXES if sizes[a] == -1]
+  if len(free) > 1:
+    raise ValueError(f"At most one of config.mesh.{{data,fsdp,model}} may be -1; got {free}.")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  if free:
+    if device_count % fixed:
+      raise ValueError(
+        f"config.mesh.{free[0]}=-1: {device_count} devices are not divisible by the other "
+        f"axes' product {fixed}."
+      )
+    sizes[free[0]] = device_count // fixed
+  total = math.prod(sizes.values())
+  if total > device_count:
+    raise ValueError(
+      f"config.mesh asks for {total} devices ({sizes}) but only {device_count} exist. On a "
+      "CPU, fake devices come from XLA_FLAGS=--xla_force_host_platform_device_count=N "
+      "(set before JAX starts)."
+    )
+  return sizes
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh | None:
+  """The ``("data", "fsdp", "model")`` mesh of Auto axes, or None for a single device."""
+  sizes = mesh_shape(mesh_config, jax.device_count())
+  n = math.prod(sizes.values())
+  if n == 1:
+    return None
+  return jax.make_mesh(
+    tuple(sizes[a] for a in AXES),
+    AXES,
+    axis_types=(AxisType.Auto,) * len(AXES),
+    devices=jax.devices()[:n],
+  )
+
+
+def param_spec(shape: Sequence[int], mesh: Mesh, *, min_shard_size: int) -> P:
+  """The ``PartitionSpec`` of one param: ``fsdp`` on its input axis, ``model`` on its last."""
+  spec: list[str | None] = [None] * len(shape)
+  if not shape or math.prod(shape) < min_shard_size:
+    return P(*spec)
+  model, fsdp = mesh.shape["model"], mesh.shape["fsdp"]
+  if model > 1 and shape[-1] % model == 0:
+    spec[-1] = "model"
+  if fsdp > 1 and len(shape) >= 2:
+    candidates = [d for d in range(len(shape) - 1) if shape[d] % fsdp == 0 and shape[d] >= fsdp]
+    if candidates:
+      spec[max(candidates, key=lambda d: (shape[d], -d))] = "fsdp"
+  return P(*spec)
+
+
+def _key_tuple(path: Sequence[Any]) -> tuple[Any, ...]:
+  keys = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        keys.append(getattr(entry, attr))
+        break
+  if keys and keys[-1] == "value":  # NNX Variable payload
+    keys.pop()
+  return tuple(keys)
+
+
+def state_shardings(
+  mesh: Mesh,
+  model_state: Any,
+  optimizer_state: Any,
+  *,
+  min_shard_size: int,
+) -> tuple[list[NamedSharding], list[NamedSharding], dict[tuple[Any, ...], NamedSharding]]:
+  """Shardings for the flat leaves of ``nnx.state(model)`` and ``nnx.state(optimizer)``.
+
+  Params get :func:`param_spec`. An optimizer-state leaf whose path ends with a param's path
+  and has its shape (DST masks, momenta, Adam moments: ``tree_map_params``' param-shaped
+  leaves) gets that param's sharding; every other leaf (step counters, PRNG keys) is
+  replicated.
+
+  Returns:
+    ``(model_leaf_shardings, optimizer_leaf_shardings, by_param_path)``, the first two in
+    ``jax.tree.leaves`` order, the last keyed by the param's key tuple.
+  """
+  replicated = NamedSharding(mesh, P())
+  model_flat = jax.tree_util.tree_flatten_with_path(model_state)[0]
+  by_path: dict[tuple[Any, ...], NamedSharding] = {}
+  shapes: dict[tuple[Any, ...], tuple[int, ...]] = {}
+  model_sh = []
+  for path, leaf in model_flat:
+    sh = NamedSharding(mesh, param_spec(leaf.shape, mesh, min_shard_size=min_shard_size))
+    key = _key_tuple(path)
+    by_path[key], shapes[key] = sh, tuple(leaf.shape)
+    model_sh.append(sh)
+  opt_sh = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(optimizer_state)[0]:
+    key = _key_tuple(path)
+    match = replicated
+    for start in range(len(key)):
+      suffix = key[start:]
+      if suffix in by_path and shapes[suffix] == tuple(getattr(leaf, "shape", ())):
+        match = by_path[suffix]
+        break
+    opt_sh.append(match)
+  return model_sh, opt_sh, by_path
+
+
+def shardings_for_paths(
+  paths: Sequence[str], by_path: Mapping[tuple[Any, ...], NamedSharding], mesh: Mesh
+) -> list[NamedSharding]:
+  """Shardings for ``"a/0/kernel"``-style param paths (replicated when unknown)."""
+  as_str = {"/".join(str(k) for k in key): sh for key, sh in by_path.items()}
+  replicated = NamedSharding(mesh, P())
+  return [as_str.get(p, replicated) for p in paths]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The batch's leading axis split over ``data`` and ``fsdp``."""
+  return NamedSharding(mesh, P(("data", "fsdp")))
+
+
+def describe(mesh: Mesh | None, model_shardings: Sequence[NamedSharding] = ()) -> dict[str, Any]:
+  """A JSON-able summary: mesh axis sizes and how many param leaves are sharded."""
+  if mesh is None:
+    return {"devices": 1}
+  sharded = sum(1 for s in model_shardings if any(a is not None for a in s.spec))
+  return {
+    "devices": int(mesh.size),
+    **{a: int(mesh.shape[a]) for a in AXES},
+    "sharded_param_leaves": sharded,
+    "param_leaves": len(model_shardings),
+  }

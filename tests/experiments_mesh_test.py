@@ -1,0 +1,118 @@
+"""``config.mesh``: the experiments on a ("data", "fsdp", "model") mesh of 8 fake CPU devices.
+
+The runs happen in one child process (``_experiments_mesh_child.py``) with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``, so this process keeps one device.
+What is asserted:
+
+* mesh runs shard params and compile the train step once;
+* data parallel (8), data x FSDP (2x2) and FSDP x tensor parallel (2x2) runs follow the
+  single-device run within float noise (the sharded matmuls sum in another order), with
+  identical masks after two mask updates;
+* a 2x2x2 mesh does not (yet): a strict xfail records the open problem;
+* stopping and resuming on the mesh is bit-exact (losses, masks, accuracy);
+* bad ``config.mesh`` values fail with errors naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments import train
+from experiments.configs import rigl
+
+_CHILD = Path(__file__).with_name("_experiments_mesh_child.py")
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", name="runs")
+def fixture_runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("mesh_runs")
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), env.get("PYTHONPATH", "")])
+  proc = subprocess.run(
+    [sys.executable, str(_CHILD), str(root)],
+    env=env,
+    cwd=_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = {}
+  for line in proc.stdout.splitlines():
+    if line.startswith("{"):
+      r = json.loads(line)
+      out[r["name"]] = r
+  return out
+
+
+def _losses(run):
+  return np.array([loss for _, loss in run["losses"]])
+
+
+@pytest.mark.parametrize("name", ["mesh221", "mesh122", "mesh222"])
+def test_mesh_run_is_sharded_and_compiles_once(runs, name):
+  r = runs[name]["result"]
+  assert r["mesh"]["devices"] == (8 if name == "mesh222" else 4)
+  want = tuple(int(c) for c in name[-3:])
+  assert (r["mesh"]["data"], r["mesh"]["fsdp"], r["mesh"]["model"]) == want
+  assert r["mesh"]["sharded_param_leaves"] >= 3, r["mesh"]  # the three kernels at least
+  assert r["train_step_compiles"] == 1
+  assert r["step"] == 60 and len(runs[name]["losses"]) == 60
+  assert runs["single"]["result"]["mesh"] == {"devices": 1}
+
+
+@pytest.mark.parametrize("name", ["data8", "mesh221", "mesh122"])
+def test_mesh_run_follows_the_single_device_run(runs, name):
+  """Only the order of float sums differs (observed: at most 1 ulp of the loss, 2.4e-7)."""
+  single, mesh = _losses(runs["single"]), _losses(runs[name])
+  np.testing.assert_allclose(mesh, single, rtol=0, atol=2e-6)
+  assert runs[name]["masks"] == runs["single"]["masks"]  # after 2 mask updates
+  assert runs[name]["result"]["sparsity"] == runs["single"]["result"]["sparsity"]
+
+
+@pytest.mark.xfail(
+  strict=True,
+  reason="Open: with all three axes > 1 (2x2x2) and params sharded over fsdp and model, "
+  "the losses leave float noise from step 3 (2.7e-5) and drift to ~5e-3 by step 20, before "
+  "any mask update; every two-axis mesh (2x2x1, 1x2x2, 2x1x2) and the 2x2x2 mesh with "
+  "replicated params stay within 1 ulp. Under investigation (XLA SPMD partitioning of "
+  "[batch@(data,fsdp)] x [in@fsdp, out@model]); see the issue note.",
+)
+def test_three_axis_mesh_follows_the_single_device_run(runs):
+  np.testing.assert_allclose(_losses(runs["mesh222"]), _losses(runs["single"]), rtol=0, atol=2e-6)
+
+
+def test_resume_on_the_mesh_is_bit_exact(runs):
+  first, resumed, full = runs["mesh221_first"], runs["mesh221_resumed"], runs["mesh221"]
+  assert first["result"]["step"] == 25 and resumed["result"]["resumed_from"] == 25
+  assert resumed["losses"] == full["losses"]
+  assert resumed["masks"] and resumed["masks"] == full["masks"]
+  assert resumed["result"]["test_accuracy"] == full["result"]["test_accuracy"]
+
+
+@pytest.mark.parametrize(
+  ("mesh", "batch_size", "match"),
+  [
+    ((2, 1, 1), 32, r"config.mesh asks for 2 devices .* only 1 exist"),
+    ((-1, -1, 1), 32, r"At most one of config.mesh"),
+    ((0, 1, 1), 32, r"config.mesh.data must be a positive integer or -1"),
+    ((1, 1, 1), 0, r"config.batch_size"),
+  ],
+)
+def test_bad_mesh_config_fails_clearly(mesh, batch_size, match):
+  c = rigl.get_config("smoke")
+  c.mesh.data, c.mesh.fsdp, c.mesh.model = mesh
+  c.batch_size = batch_size
+  with pytest.raises(ValueError, match=match):
+    train.validate_config(c)
