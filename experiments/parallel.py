@@ -4,6 +4,7 @@
 ``("data", "fsdp", "model")`` mesh of Auto axes over the first ``data·fsdp·model`` devices
 (one size may be ``-1``: all remaining devices). The default ``1, 1, 1`` runs on one device
 exactly as before. Fake CPU devices work: ``XLA_FLAGS=--xla_force_host_platform_device_count=8``.
+At most two axes may exceed 1 (see :func:`mesh_shape`).
 
 * ``data``: data parallel. The batch is split over ``data`` (and ``fsdp``); params are
   replicated over it.
@@ -62,6 +63,14 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, device_count: int) -> dic
         f"axes' product {fixed}."
       )
     sizes[free[0]] = device_count // fixed
+  if all(sizes[a] > 1 for a in AXES):
+    raise ValueError(
+      f"config.mesh {sizes}: at most two of data, fsdp and model may exceed 1. With all three "
+      "> 1, XLA's SPMD partitioner (jax 0.10.2, CPU) computes wrong gradients for MLPs of three "
+      "or more layers sharded over fsdp and model (reproduced without sparsejax: "
+      "tests/_experiments_mesh_child.py, xla_three_axis_grad). Use e.g. data x fsdp or "
+      "fsdp x model."
+    )
   total = math.prod(sizes.values())
   if total > device_count:
     raise ValueError(

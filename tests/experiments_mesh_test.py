@@ -8,7 +8,8 @@ What is asserted:
 * data parallel (8), data x FSDP (2x2) and FSDP x tensor parallel (2x2) runs follow the
   single-device run within float noise (the sharded matmuls sum in another order), with
   identical masks after two mask updates;
-* a 2x2x2 mesh does not (yet): a strict xfail records the open problem;
+* three axes > 1 are refused: XLA computes wrong gradients there (a strict xfail on a
+  plain-JAX reproduction records it, and flips when JAX fixes it);
 * stopping and resuming on the mesh is bit-exact (losses, masks, accuracy);
 * bad ``config.mesh`` values fail with errors naming the field.
 """
@@ -60,10 +61,10 @@ def _losses(run):
   return np.array([loss for _, loss in run["losses"]])
 
 
-@pytest.mark.parametrize("name", ["mesh221", "mesh122", "mesh222"])
+@pytest.mark.parametrize("name", ["mesh221", "mesh122"])
 def test_mesh_run_is_sharded_and_compiles_once(runs, name):
   r = runs[name]["result"]
-  assert r["mesh"]["devices"] == (8 if name == "mesh222" else 4)
+  assert r["mesh"]["devices"] == 4
   want = tuple(int(c) for c in name[-3:])
   assert (r["mesh"]["data"], r["mesh"]["fsdp"], r["mesh"]["model"]) == want
   assert r["mesh"]["sharded_param_leaves"] >= 3, r["mesh"]  # the three kernels at least
@@ -83,14 +84,13 @@ def test_mesh_run_follows_the_single_device_run(runs, name):
 
 @pytest.mark.xfail(
   strict=True,
-  reason="Open: with all three axes > 1 (2x2x2) and params sharded over fsdp and model, "
-  "the losses leave float noise from step 3 (2.7e-5) and drift to ~5e-3 by step 20, before "
-  "any mask update; every two-axis mesh (2x2x1, 1x2x2, 2x1x2) and the 2x2x2 mesh with "
-  "replicated params stay within 1 ulp. Under investigation (XLA SPMD partitioning of "
-  "[batch@(data,fsdp)] x [in@fsdp, out@model]); see the issue note.",
+  reason="XLA SPMD partitioning (jax 0.10.2, CPU) gives wrong gradients for a 3-layer MLP "
+  "with kernels over (fsdp, model) and the batch over (data, fsdp) on a 2x2x2 mesh (plain "
+  "JAX, no sparsejax); config.mesh therefore refuses three axes > 1. When this passes, JAX "
+  "has fixed it: lift the check in experiments/parallel.py.",
 )
-def test_three_axis_mesh_follows_the_single_device_run(runs):
-  np.testing.assert_allclose(_losses(runs["mesh222"]), _losses(runs["single"]), rtol=0, atol=2e-6)
+def test_xla_three_axis_mesh_gradients(runs):
+  assert runs["xla_three_axis_grad"]["max_abs_error"] < 1e-5, runs["xla_three_axis_grad"]
 
 
 def test_resume_on_the_mesh_is_bit_exact(runs):
@@ -107,6 +107,7 @@ def test_resume_on_the_mesh_is_bit_exact(runs):
     ((2, 1, 1), 32, r"config.mesh asks for 2 devices .* only 1 exist"),
     ((-1, -1, 1), 32, r"At most one of config.mesh"),
     ((0, 1, 1), 32, r"config.mesh.data must be a positive integer or -1"),
+    ((2, 2, 2), 32, r"at most two of data, fsdp and model may exceed 1"),
     ((1, 1, 1), 0, r"config.batch_size"),
   ],
 )

@@ -32,7 +32,7 @@ experiment on a device mesh, e.g. 8 fake CPU devices::
 
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m experiments.main \
     --config experiments/configs/rigl.py --workdir /tmp/rigl_mesh \
-    --config.mesh.data=2 --config.mesh.fsdp=2 --config.mesh.model=2
+    --config.mesh.data=2 --config.mesh.fsdp=4
 """
 
 import ml_collections
@@ -104,7 +104,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.dst.seed = 0
 
   # Devices: a ("data", "fsdp", "model") mesh of Auto axes (experiments/parallel.py).
-  # 1, 1, 1 = one device; one size may be -1 (all remaining devices). Fake CPU devices:
+  # 1, 1, 1 = one device; one size may be -1 (all remaining devices); at most two sizes > 1.
+  # Fake CPU devices:
   # XLA_FLAGS=--xla_force_host_platform_device_count=8.
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = 1  # data parallel: the batch is split, params replicated
