@@ -498,7 +498,13 @@ def dynamic_sparse(
           "Was the optimizer state initialized for a different model?"
         )
 
-    def emit(grad_masks, grown, inner_state):
+    def emit(grad_masks, active, grown, inner_state):
+      """Inner update on masked grads; updates that keep inactive weights at exactly 0.
+
+      ``grad_masks``: the weights that take an inner step (kept = old & new); ``active``: the
+      new masks; ``grown``: new & ~old (set to ``grow_init``), or None. Each mask is read by
+      one fusion only (masking the grads, or forming the update), so XLA materialises none.
+      """
       masked_grads = [
         g if m is None else jnp.where(m, g, jnp.zeros_like(g))
         for g, m in zip(grads, grad_masks, strict=True)
@@ -508,14 +514,14 @@ def dynamic_sparse(
       )
       inner_leaves = treedef.flatten_up_to(inner_updates)
       out = []
-      for u, p, m, gr in zip(inner_leaves, param_leaves, grad_masks, grown, strict=True):
-        if m is None:
+      for u, p, a, gr in zip(inner_leaves, param_leaves, active, grown, strict=True):
+        if a is None:
           out.append(u)
           continue
-        pruned = -p.astype(u.dtype)
+        p = p.astype(u.dtype)
         if gr is not None:
-          pruned = jnp.where(gr, jnp.asarray(grow_init, u.dtype) - p.astype(u.dtype), pruned)
-        out.append(jnp.where(m, u, pruned))
+          u = jnp.where(gr, jnp.asarray(grow_init, u.dtype) - p, u)
+        out.append(jnp.where(a, u, -p))
       return jax.tree.unflatten(treedef, out), new_inner_state
 
     def leaf_flips(i, count, key, param, grad, mask, moments):
@@ -604,7 +610,8 @@ def dynamic_sparse(
         grown[i] = new & flip
         grad_masks[i] = new & ~flip  # == old & new
       inner_state = _reset_inner_state(inner, inner_state, grown, treedef)
-    new_updates, inner_state = emit(grad_masks, grown, inner_state)
+    active = [None if base.is_masked_node(m) else m for m in new_mask_leaves]
+    new_updates, inner_state = emit(grad_masks, active, grown, inner_state)
     new_state = DynamicSparseState(
       count=optax.safe_int32_increment(state.count),
       key=state.key,
