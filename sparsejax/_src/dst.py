@@ -7,9 +7,10 @@ weights exactly zero after ``optax.apply_updates``: there is no training-loop ho
 
 Data flow of one step (DESIGN.md §2)::
 
-  grads (dense) ─► mask-update step?  (lax.cond on the step count; other steps skip it)
-                    yes: per sparse leaf: drop/grow scores → structured drop-and-grow
-                    (the cond returns only the bool masks: no param-sized copies)
+  grads (dense) ─► mask-update step?  (one lax.cond per sparse leaf on the step count)
+                    yes: drop/grow scores → structured drop-and-grow → flips = new ^ old
+                    no:  flips = False (each cond returns only bool flips: no copies of
+                         params, state or masks; new mask = old ^ flips, in place)
                ─► inner-optimizer state reset to 0 at newly grown positions (a fused no-op
                   on other steps)
                ─► grads masked by (mask ∩ previous mask) → inner.update
