@@ -33,6 +33,8 @@ import ml_collections
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import sparsejax as sj
+
 AXES = ("data", "fsdp", "model")
 
 
@@ -110,25 +112,13 @@ def param_spec(shape: Sequence[int], mesh: Mesh, *, min_shard_size: int) -> P:
   return P(*spec)
 
 
-def _key_tuple(path: Sequence[Any]) -> tuple[Any, ...]:
-  keys = []
-  for entry in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(entry, attr):
-        keys.append(getattr(entry, attr))
-        break
-  if keys and keys[-1] == "value":  # NNX Variable payload
-    keys.pop()
-  return tuple(keys)
-
-
 def state_shardings(
   mesh: Mesh,
   model_state: Any,
   optimizer_state: Any,
   *,
   min_shard_size: int,
-) -> tuple[list[NamedSharding], list[NamedSharding], dict[tuple[Any, ...], NamedSharding]]:
+) -> tuple[list[NamedSharding], list[NamedSharding], dict[str, NamedSharding]]:
   """Shardings for the flat leaves of ``nnx.state(model)`` and ``nnx.state(optimizer)``.
 
   Params get :func:`param_spec`. An optimizer-state leaf whose path ends with a param's path
@@ -138,38 +128,31 @@ def state_shardings(
 
   Returns:
     ``(model_leaf_shardings, optimizer_leaf_shardings, by_param_path)``, the first two in
-    ``jax.tree.leaves`` order, the last keyed by the param's key tuple.
+    ``jax.tree.leaves`` order, the last keyed by ``sj.path_to_str`` paths (``"a/0/kernel"``).
   """
   replicated = NamedSharding(mesh, P())
-  model_flat = jax.tree_util.tree_flatten_with_path(model_state)[0]
-  by_path: dict[tuple[Any, ...], NamedSharding] = {}
-  shapes: dict[tuple[Any, ...], tuple[int, ...]] = {}
+  by_path: dict[str, tuple[NamedSharding, tuple[int, ...]]] = {}
   model_sh = []
-  for path, leaf in model_flat:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(model_state)[0]:
     sh = NamedSharding(mesh, param_spec(leaf.shape, mesh, min_shard_size=min_shard_size))
-    key = _key_tuple(path)
-    by_path[key], shapes[key] = sh, tuple(leaf.shape)
+    by_path[sj.path_to_str(path)] = (sh, tuple(leaf.shape))
     model_sh.append(sh)
   opt_sh = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(optimizer_state)[0]:
-    key = _key_tuple(path)
-    match = replicated
-    for start in range(len(key)):
-      suffix = key[start:]
-      if suffix in by_path and shapes[suffix] == tuple(getattr(leaf, "shape", ())):
-        match = by_path[suffix]
-        break
-    opt_sh.append(match)
-  return model_sh, opt_sh, by_path
+    parts = sj.path_to_str(path).split("/")
+    shape = tuple(getattr(leaf, "shape", ()))
+    suffixes = ("/".join(parts[start:]) for start in range(len(parts)))
+    match = next((by_path[s] for s in suffixes if by_path.get(s, (None, None))[1] == shape), None)
+    opt_sh.append(replicated if match is None else match[0])
+  return model_sh, opt_sh, {p: sh for p, (sh, _) in by_path.items()}
 
 
 def shardings_for_paths(
-  paths: Sequence[str], by_path: Mapping[tuple[Any, ...], NamedSharding], mesh: Mesh
+  paths: Sequence[str], by_path: Mapping[str, NamedSharding], mesh: Mesh
 ) -> list[NamedSharding]:
   """Shardings for ``"a/0/kernel"``-style param paths (replicated when unknown)."""
-  as_str = {"/".join(str(k) for k in key): sh for key, sh in by_path.items()}
   replicated = NamedSharding(mesh, P())
-  return [as_str.get(p, replicated) for p in paths]
+  return [by_path.get(p, replicated) for p in paths]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

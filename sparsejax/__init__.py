@@ -5,6 +5,7 @@ Implementation lives in private modules under ``sparsejax._src``; do not import 
 """
 
 from sparsejax._src.base import ScoreContext as ScoreContext
+from sparsejax._src.base import path_to_str as path_to_str
 from sparsejax._src.checkpointing import CheckpointManager as CheckpointManager
 from sparsejax._src.checkpointing import CheckpointMismatchError as CheckpointMismatchError
 from sparsejax._src.checkpointing import CorruptCheckpointError as CorruptCheckpointError

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -117,3 +118,36 @@ def test_bad_mesh_config_fails_clearly(mesh, batch_size, match):
   c.batch_size = batch_size
   with pytest.raises(ValueError, match=match):
     train.validate_config(c)
+
+
+def test_optimizer_state_follows_param_shardings():
+  """Masks and Adam moments take their param's sharding; counters and the key are replicated."""
+  import optax
+  from flax import nnx
+  from jax.sharding import AxisType, PartitionSpec
+
+  import sparsejax as sj
+  from experiments import models, parallel
+
+  mesh = jax.sharding.AbstractMesh((2, 2, 1), parallel.AXES, axis_types=(AxisType.Auto,) * 3)
+  model = models.create_model("mlp", (40,), 10, seed=0, mlp_features=(64, 32))
+  opt = nnx.Optimizer(model, sj.rigl(optax.adam(0.1), sparsity=0.9, end_step=100), wrt=nnx.Param)
+  model_sh, opt_sh, by_path = parallel.state_shardings(
+    mesh, nnx.state(model), nnx.state(opt), min_shard_size=256
+  )
+  assert by_path["hidden/0/kernel"].spec == PartitionSpec("fsdp", None)
+  assert by_path["hidden/0/bias"].spec == PartitionSpec(None)  # 64 < min_shard_size
+  specs = {
+    sj.path_to_str(p): s.spec
+    for (p, _), s in zip(jax.tree_util.tree_flatten_with_path(nnx.state(opt))[0], opt_sh)
+  }
+  for param in ("hidden/0/kernel", "hidden/1/kernel", "head/kernel"):
+    for prefix in (
+      "opt_state/masks/",
+      "opt_state/inner_state/0/mu/",
+      "opt_state/inner_state/0/nu/",
+    ):
+      assert specs[prefix + param] == by_path[param].spec, (prefix, param)
+  for name in ("opt_state/count", "opt_state/key", "opt_state/skipped_updates", "step"):
+    assert specs[name] == PartitionSpec(), name
+  assert len(model_sh) == len(jax.tree.leaves(nnx.state(model)))

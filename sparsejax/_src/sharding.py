@@ -25,9 +25,9 @@ Scores from gradients are computed after the compiler's cross-device gradient re
 ``fold_in(fold_in(key, count), leaf_index)`` with JAX's partitionable threefry, so every
 device computes the same masks as a single-device run.
 
-Mesh axis types: build meshes with ``AxisType.Auto`` axes for the DST update (the default of
-``jax.make_mesh`` is ``Explicit``, under which the mask update's reshapes and scatters of
-sharded arrays raise ``ShardingTypeError``; see ``docs/SHARDING.md``).
+Mesh axis types: both work. Under ``Explicit`` axes (``jax.make_mesh``'s default, with
+``jax.set_mesh``) ``tx.init`` types each mask with its param's sharding and the mask
+selection runs under ``jax.sharding.auto_axes``; see ``docs/SHARDING.md``.
 """
 
 from __future__ import annotations
