@@ -57,8 +57,8 @@ class _BuildExtWithXlaFfi(build_ext):
 _REQUIRE_NATIVE = os.environ.get("SPARSEJAX_REQUIRE_NATIVE", "").strip() not in ("", "0")
 _NATIVE_EXTENSIONS = [
   Extension(
-    "sparsejax._src._condensed_native",
-    sources=["sparsejax/_src/csrc/condensed_ffi.cc"],
+    "sparsejax._src.kernels._condensed_native",
+    sources=["sparsejax/_src/kernels/csrc/condensed_ffi.cc"],
     language="c++",
     optional=not _REQUIRE_NATIVE,
   )

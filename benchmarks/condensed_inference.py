@@ -45,8 +45,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 import sparsejax  # noqa: E402
-from sparsejax._src import condensed as cd  # noqa: E402
-from sparsejax._src import condensed_native  # noqa: E402
+from sparsejax._src.formats import condensed as cd  # noqa: E402
+from sparsejax._src.kernels import condensed_native  # noqa: E402
 
 SLOW_S = 0.15
 SLOW_ROUNDS = 5

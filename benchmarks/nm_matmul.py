@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from sparsejax._src.nm_format import nm_compress  # noqa: E402
-from sparsejax._src.nm_kernels import nm_matmul  # noqa: E402
+from sparsejax._src.formats.nm_format import nm_compress  # noqa: E402
+from sparsejax._src.kernels.nm_pallas import nm_matmul  # noqa: E402
 
 _DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 

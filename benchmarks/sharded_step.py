@@ -99,8 +99,8 @@ def child(args) -> None:
   from jax.sharding import PartitionSpec as P
 
   import sparsejax as sj
-  from sparsejax._src import sharding as shd
-  from sparsejax._src import structures
+  from sparsejax._src.integration import sharding as shd
+  from sparsejax._src.primitives import structures
 
   n_dev = jax.device_count()
   sizes = tuple(int(s) for s in args.sizes.split(","))

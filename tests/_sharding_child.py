@@ -47,7 +47,7 @@ from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import sparsejax as sj  # noqa: E402
-from sparsejax._src import sharding as shd  # noqa: E402
+from sparsejax._src.integration import sharding as shd  # noqa: E402
 
 SIZES = (64, 128, 8)  # kernels [64, 128] (sharded along out) and [128, 8] (along in)
 STEPS = 8  # mask updates at counts 2, 4, 6

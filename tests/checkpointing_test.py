@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import sparsejax as sj
-from sparsejax._src import checkpointing as C
+from sparsejax._src.integration import checkpointing as C
 
 
 class _MLP(nnx.Module):

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sparsejax._src import condensed as cd
-from sparsejax._src import condensed_native
-from sparsejax._src.condensed_layers import (
+from sparsejax._src.formats import condensed as cd
+from sparsejax._src.kernels import condensed_native
+from sparsejax._src.integration.condensed_layers import (
   CondensedBuffer,
   CondensedDense,
   condense_params,
@@ -316,7 +316,8 @@ def test_import_without_native_extension():
   code = textwrap.dedent(
     """
         import numpy as np, sparsejax
-        from sparsejax._src import condensed as cd, condensed_native as cn
+        from sparsejax._src.formats import condensed as cd
+        from sparsejax._src.kernels import condensed_native as cn
         assert not cn.native_available(), cn.native_unavailable_reason()
         assert "SPARSEJAX_DISABLE_NATIVE" in cn.native_unavailable_reason()
         m = np.zeros((8, 4), bool); m[:2] = True

@@ -20,8 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 import sparsejax as sj
-from sparsejax._src import checkpointing as C
-from sparsejax._src import metrics as M
+from sparsejax._src.integration import checkpointing as C
+from sparsejax._src.metrics import topology as M
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent

@@ -14,8 +14,8 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax._src import metrics as M
-from sparsejax._src import plotting as P
+from sparsejax._src.metrics import topology as M
+from sparsejax._src.integration import plotting as P
 
 # Two layers. "a/kernel" [in=3, out=2]; "b/kernel" [in=2, out=2]; "a/bias" dense.
 OLD = {

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparsejax._src.nm_format import (
+from sparsejax._src.formats.nm_format import (
   NMSparse,
   index_bits,
   is_nm_sparse,

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from sparsejax._src.nm_format import NMSparse, nm_compress, nm_decompress, nm_take
-from sparsejax._src.nm_kernels import (
+from sparsejax._src.formats.nm_format import NMSparse, nm_compress, nm_decompress, nm_take
+from sparsejax._src.kernels.nm_pallas import (
   nm_matmul,
   nm_matmul_dense_grad,
   nm_matmul_dv_kernel,

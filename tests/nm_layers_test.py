@@ -7,8 +7,8 @@ import optax
 import pytest
 from flax import nnx
 
-from sparsejax._src.nm_format import NMSparse, is_nm_sparse, nm_mask
-from sparsejax._src.nm_layers import (
+from sparsejax._src.formats.nm_format import NMSparse, is_nm_sparse, nm_mask
+from sparsejax._src.integration.nm_layers import (
   NM_INDICES_COLLECTION,
   NMDense,
   NMDenseLinen,

@@ -95,7 +95,7 @@ def test_drop_and_grow_invariants(shape, density, drop_fraction):
 @pytest.mark.parametrize("strategy", ["rank", "histogram16", "histogram8", "bits"])
 @pytest.mark.parametrize("axis", [None, 0, 1])
 def test_every_selection_strategy_matches_reference(strategy, axis, monkeypatch):
-  from sparsejax._src import selection
+  from sparsejax._src.primitives import selection
 
   monkeypatch.setattr(selection, "_PAIRWISE_MAX", 10**9 if strategy == "rank" else 0)
   max_bins = {"histogram16": 10**9, "histogram8": 256 * 12}.get(strategy, 0)

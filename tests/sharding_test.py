@@ -35,7 +35,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import sparsejax as sj
-from sparsejax._src import sharding as shd
+from sparsejax._src.integration import sharding as shd
 
 _CHILD = Path(__file__).with_name("_sharding_child.py")
 _ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from sparsejax._src.nm_format import is_nm_sparse, nm_mask
-from sparsejax._src.sr_ste import (
+from sparsejax._src.formats.nm_format import is_nm_sparse, nm_mask
+from sparsejax._src.transforms.sr_ste import (
   NMSRSTEState,
   default_nm_filter,
   mdgf_schedule,

@@ -1,7 +1,13 @@
-"""Shared types, path utilities and argument validation for sparsejax."""
+"""Shared types and argument validation for sparsejax (no pytrees, no Flax).
+
+Everything here is used by several layers: the records a criterion or a structure is
+given (:class:`ScoreContext`, :class:`LayerInfo`), and the ``check_*`` helpers that turn a
+bad argument into an error naming it and the allowed values.
+"""
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -10,19 +16,44 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 Params = Any  # a pytree of arrays
 Masks = Any  # a params-structured pytree: bool arrays for sparse leaves, MaskedNode otherwise
 MASK_DTYPE = jnp.bool_
 
 
+class LayerInfo(NamedTuple):
+  """Where a sparse-candidate leaf sits in the model (static Python values).
+
+  The order is the model's layer order as far as sparsejax can know it (see
+  :func:`sparsejax.layer_sparsities`): explicit ``first_layer=``/``last_layer=`` patterns,
+  else the natural order of the paths (``Dense_2`` before ``Dense_10``). ``is_first`` /
+  ``is_last`` are ``None`` when that order is decided by names alone (``head`` vs
+  ``hidden``), i.e. unknown.
+
+  Attributes:
+    path: the leaf's path, e.g. ``"layer1/kernel"``.
+    shape: the leaf's shape.
+    index: position among the candidate leaves (0-based) in that order.
+    num_layers: number of candidate leaves.
+    is_first: whether this is the model's first layer (``None``: unknown).
+    is_last: whether this is the model's last (output) layer (``None``: unknown).
+  """
+
+  path: str
+  shape: tuple[int, ...]
+  index: int
+  num_layers: int
+  is_first: bool | None
+  is_last: bool | None
+
+
 class ScoreContext(NamedTuple):
-  """Everything a drop or grow criterion may look at, for one sparse leaf.
+  """Everything a drop or grow criterion (or a structure's mask update) may look at.
 
   Criteria are functions ``ctx -> scores`` returning an array shaped like ``ctx.param``
-  (higher means "keep" for drop criteria and "grow" for grow criteria). New fields may be
-  added at the end in later versions; criteria that read fields by name keep working.
+  (higher means "keep" for drop criteria and "grow" for grow criteria). New fields are
+  added at the end; criteria that read fields by name keep working.
 
   Attributes:
     param: the current weights, shape ``S`` (pruned entries are exactly 0).
@@ -33,6 +64,8 @@ class ScoreContext(NamedTuple):
     path: the leaf's path, e.g. ``"layer1/kernel"`` (a static Python string).
     inner_moments: a tuple of the inner optimizer's param-shaped state arrays for this
       leaf (e.g. Adam's ``(mu, nu)``, SGD momentum's ``(trace,)``), in state order.
+    sparsity: the layer's target sparsity (a static Python float).
+    layer: the layer's position in the model (:class:`LayerInfo`).
   """
 
   param: jax.Array
@@ -42,31 +75,8 @@ class ScoreContext(NamedTuple):
   step: jax.Array
   path: str
   inner_moments: tuple[jax.Array, ...]
-
-
-def _key_name(entry: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
-def path_to_str(path: Sequence[Any]) -> str:
-  """Turns a JAX key path into ``"a/b/kernel"``, dropping NNX ``.value`` attributes."""
-  names = [_key_name(entry) for entry in path]
-  if names and isinstance(path[-1], jax.tree_util.GetAttrKey) and names[-1] == "value":
-    names = names[:-1]
-  return "/".join(names)
-
-
-def is_masked_node(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
-def flatten_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
-  """Flattens ``tree`` into (paths, leaves, treedef); MaskedNode counts as a leaf."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked_node)
-  return [path_to_str(p) for p, _ in flat], [leaf for _, leaf in flat], treedef
+  sparsity: float = 0.0
+  layer: LayerInfo | None = None
 
 
 def check_sparsity(name: str, value: Any, *, allow_none: bool = False) -> float | None:
@@ -101,12 +111,17 @@ def check_int(name: str, value: Any, *, minimum: int | None = None) -> int:
   return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+  """Validates a bool; raises TypeError naming ``name`` otherwise."""
+  if not isinstance(value, bool):
+    raise TypeError(f"`{name}` must be a bool (True or False), got {value!r}.")
+  return value
+
+
 def check_callable(name: str, fn: Any, n_args: int) -> Callable[..., Any]:
   """Checks that ``fn`` is callable with ``n_args`` positional arguments."""
   if not callable(fn):
     raise TypeError(f"`{name}` must be callable, got {fn!r}.")
-  import inspect
-
   try:
     inspect.signature(fn).bind(*([None] * n_args))
   except TypeError as e:
@@ -125,7 +140,11 @@ def is_floating(leaf: Any) -> bool:
 
 
 def floor_count(size: int, fraction: float) -> int:
-  """``floor(fraction * size)`` robust to float noise (0.29 * 100 -> 29, not 28)."""
+  """``floor(fraction * size)`` robust to float noise (0.29 * 100 -> 29, not 28).
+
+  A documented departure from calgaryml/condensed-sparsity, which computes a budget as
+  ``int(size * fraction)`` in float64: 0.1 * 4000 = 399.99… gives 399 there, 400 here.
+  """
   return int(math.floor(fraction * size + 1e-9))
 
 
@@ -136,6 +155,12 @@ def nnz_for_sparsity(size: int, sparsity: float) -> int:
 
 def shape_size(shape: Sequence[int]) -> int:
   return int(np.prod(shape, dtype=np.int64))
+
+
+def fan_in_shape(shape: Sequence[int]) -> tuple[int, int]:
+  """``(fan_in, n_out)`` of a kernel in Flax layout: neurons on the last axis."""
+  shape = tuple(shape)
+  return shape_size(shape[:-1]), shape[-1]
 
 
 # --------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sparsejax._src.nm_format import _as_int, _check_nm, nm_mask
+from sparsejax._src.formats.nm_format import _as_int, _check_nm, nm_mask
 
 __all__ = [
   "NMSRSTEState",

@@ -62,7 +62,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparsejax._src import condensed_native
+from sparsejax._src.kernels import condensed_native
 
 __all__ = [
   "Condensed",

@@ -42,6 +42,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
 from sparsejax._src import base
+from sparsejax._src import tree as tree_lib
 
 ShardingOrSpec = Sharding | PartitionSpec
 
@@ -371,7 +372,7 @@ def param_specs_from_rules(
       raise ValueError(f"Invalid rule regex {pattern!r}: {e}") from e
     if not isinstance(spec, PartitionSpec):
       raise TypeError(f"Rule {pattern!r} must map to a PartitionSpec, got {spec!r}.")
-  paths, leaves, treedef = base.flatten_with_paths(params)
+  paths, leaves, treedef = tree_lib.flatten_with_paths(params)
   out = []
   for path, leaf in zip(paths, leaves, strict=True):
     spec = next((s for r, s in compiled if r.search(path)), PartitionSpec())

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sparsejax._src import base, dst, selection, structures
+from sparsejax._src import base
+from sparsejax._src.primitives import selection, structures
+from sparsejax._src.transforms import dynamic_sparse as dst
 
 
 def neurons_to_ablate(

@@ -48,7 +48,11 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sparsejax._src import base, criteria, distributions, structures
+from sparsejax._src import base
+from sparsejax._src import tree as tree_lib
+from sparsejax._src.allocation import distributions
+from sparsejax._src.criteria import scores as criteria
+from sparsejax._src.primitives import structures
 
 
 class DynamicSparseState(NamedTuple):
@@ -229,7 +233,7 @@ def plan_sparsity(
 
 def flatten_with_paths_checked(params: base.Params) -> tuple[list[str], list[Any], Any]:
   """Flattens params, rejecting empty trees and duplicate paths."""
-  paths, leaves, treedef = base.flatten_with_paths(params)
+  paths, leaves, treedef = tree_lib.flatten_with_paths(params)
   if not leaves:
     raise ValueError("`params` is an empty pytree: there is nothing to sparsify.")
   for leaf in leaves:
@@ -278,12 +282,12 @@ def _inner_moments(inner, inner_state, n_leaves: int, treedef) -> list[tuple[jax
   index_tree = jax.tree.unflatten(treedef, list(range(n_leaves)))
 
   def collect(value, index):
-    if not base.is_masked_node(value) and hasattr(value, "shape"):
+    if not tree_lib.is_masked_node(value) and hasattr(value, "shape"):
       collected[index].append(value)
     return value
 
   optax.tree_utils.tree_map_params(
-    inner, collect, inner_state, index_tree, is_leaf=base.is_masked_node
+    inner, collect, inner_state, index_tree, is_leaf=tree_lib.is_masked_node
   )
   return [tuple(c) for c in collected]
 
@@ -293,12 +297,12 @@ def _reset_inner_state(inner, inner_state, grown: list[Any], treedef):
   grown_tree = jax.tree.unflatten(treedef, [False if g is None else g for g in grown])
 
   def reset(value, grown_leaf):
-    if grown_leaf is False or base.is_masked_node(value) or not hasattr(value, "shape"):
+    if grown_leaf is False or tree_lib.is_masked_node(value) or not hasattr(value, "shape"):
       return value
     return jnp.where(grown_leaf, jnp.zeros_like(value), value)
 
   return optax.tree_utils.tree_map_params(
-    inner, reset, inner_state, grown_tree, is_leaf=base.is_masked_node
+    inner, reset, inner_state, grown_tree, is_leaf=tree_lib.is_masked_node
   )
 
 
@@ -483,13 +487,13 @@ def dynamic_sparse(
         "sparsejax DST transformations need `params` in update(grads, state, params): "
         "they emit updates that keep pruned weights at exactly 0."
       )
-    paths, grads, treedef = base.flatten_with_paths(updates)
+    paths, grads, treedef = tree_lib.flatten_with_paths(updates)
     param_leaves = treedef.flatten_up_to(params)
     mask_leaves = treedef.flatten_up_to(state.masks)
     if len(param_leaves) != len(grads):
       raise ValueError("`updates` and `params` have different tree structures.")
     layer_sparsity = sparsities_for(params)
-    sparse_idx = [i for i, m in enumerate(mask_leaves) if not base.is_masked_node(m)]
+    sparse_idx = [i for i, m in enumerate(mask_leaves) if not tree_lib.is_masked_node(m)]
     sparse_paths = tuple(paths[i] for i in sparse_idx)
     for i in sparse_idx:
       if layer_sparsity[i] is None or mask_leaves[i].shape != grads[i].shape:
@@ -576,7 +580,7 @@ def dynamic_sparse(
         count=optax.safe_int32_increment(state.count), inner_state=inner_state
       )
 
-    grad_masks = [None if base.is_masked_node(m) else m for m in mask_leaves]
+    grad_masks = [None if tree_lib.is_masked_node(m) else m for m in mask_leaves]
     grown = [None] * len(grads)
     new_mask_leaves = list(mask_leaves)
     inner_state = state.inner_state
@@ -611,7 +615,7 @@ def dynamic_sparse(
         grown[i] = new & flip
         grad_masks[i] = new & ~flip  # == old & new
       inner_state = _reset_inner_state(inner, inner_state, grown, treedef)
-    active = [None if base.is_masked_node(m) else m for m in new_mask_leaves]
+    active = [None if tree_lib.is_masked_node(m) else m for m in new_mask_leaves]
     new_updates, inner_state = emit(grad_masks, active, grown, inner_state)
     new_state = DynamicSparseState(
       count=optax.safe_int32_increment(state.count),
@@ -708,7 +712,7 @@ def _mask_leaves(opt_state: Any) -> list[Any]:
   return [
     _unwrap(m)
     for m in jax.tree.leaves(
-      masks, is_leaf=lambda x: base.is_masked_node(x) or isinstance(x, jax.Array)
+      masks, is_leaf=lambda x: tree_lib.is_masked_node(x) or isinstance(x, jax.Array)
     )
   ]
 
@@ -725,13 +729,13 @@ def get_masks(opt_state: Any, params: base.Params | None = None) -> Any:
     for dense leaves.
   """
   leaves = [
-    None if base.is_masked_node(m) else jnp.asarray(m, bool) for m in _mask_leaves(opt_state)
+    None if tree_lib.is_masked_node(m) else jnp.asarray(m, bool) for m in _mask_leaves(opt_state)
   ]
   if params is None:
     masks = find_dst_state(opt_state).masks
     treedef = jax.tree.structure(
       jax.tree.map(
-        lambda x: 0, masks, is_leaf=lambda x: base.is_masked_node(x) or isinstance(x, jax.Array)
+        lambda x: 0, masks, is_leaf=lambda x: tree_lib.is_masked_node(x) or isinstance(x, jax.Array)
       )
     )
     return _strip_variables(jax.tree.unflatten(treedef, leaves))
@@ -768,7 +772,7 @@ def apply_masks(params: base.Params, opt_state: Any) -> base.Params:
   Raises:
     ValueError: if the masks do not match the params.
   """
-  paths, leaves, treedef = base.flatten_with_paths(params)
+  paths, leaves, treedef = tree_lib.flatten_with_paths(params)
   masks = _mask_leaves(opt_state)
   if len(masks) != len(leaves):
     raise ValueError(
@@ -777,7 +781,7 @@ def apply_masks(params: base.Params, opt_state: Any) -> base.Params:
     )
   out = []
   for path, leaf, mask in zip(paths, leaves, masks, strict=True):
-    if base.is_masked_node(mask):
+    if tree_lib.is_masked_node(mask):
       out.append(leaf)
       continue
     if mask.shape != leaf.shape:
@@ -802,7 +806,7 @@ def summarize(params: base.Params, opt_state: Any | None = None) -> dict[str, An
     "sparse_sparsity"}``; "sparse_*" count only leaves that carry a mask (all leaves
     with ``ndim > 1`` when no ``opt_state`` is given). Values are Python numbers.
   """
-  paths, leaves, _ = base.flatten_with_paths(params)
+  paths, leaves, _ = tree_lib.flatten_with_paths(params)
   masks = _mask_leaves(opt_state) if opt_state is not None else [None] * len(leaves)
   if len(masks) != len(leaves):
     raise ValueError("`params` and the DST masks have different numbers of leaves.")
@@ -811,7 +815,7 @@ def summarize(params: base.Params, opt_state: Any | None = None) -> dict[str, An
   for path, leaf, mask in zip(paths, leaves, masks, strict=True):
     size = int(leaf.size)
     nnz = int(jnp.count_nonzero(leaf))
-    is_sparse = (not base.is_masked_node(mask)) if opt_state is not None else leaf.ndim > 1
+    is_sparse = (not tree_lib.is_masked_node(mask)) if opt_state is not None else leaf.ndim > 1
     entry = {
       "shape": tuple(leaf.shape),
       "size": size,

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax._src.nm_format import NMSparse, _check_nm, _is_tracer, nm_compress
-from sparsejax._src.nm_kernels import nm_matmul
+from sparsejax._src.formats.nm_format import NMSparse, _check_nm, _is_tracer, nm_compress
+from sparsejax._src.kernels.nm_pallas import nm_matmul
 
 __all__ = [
   "NM_INDICES_COLLECTION",

@@ -41,6 +41,7 @@ import optax
 from absl import logging
 
 from sparsejax._src import base
+from sparsejax._src import tree as tree_lib
 
 Scalar = int | float | np.number | np.ndarray | jax.Array
 TOTAL = "total"
@@ -77,7 +78,7 @@ def sparse_leaves(masks: Any) -> list[tuple[str, jax.Array]]:
     leaf = _unwrap(leaf)
     if _is_dense_leaf(leaf):
       continue
-    out.append((base.path_to_str(path), leaf))
+    out.append((tree_lib.path_to_str(path), leaf))
   return out
 
 
@@ -322,7 +323,7 @@ def estimate_flops(
     leaf = _unwrap(leaf)
     if _is_dense_leaf(leaf) or not hasattr(leaf, "shape"):
       continue
-    name = base.path_to_str(path)
+    name = tree_lib.path_to_str(path)
     shape = tuple(int(d) for d in leaf.shape)
     if not is_kernel(name, shape):
       continue

@@ -24,7 +24,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from sparsejax._src import base, selection
+from sparsejax._src import base
+from sparsejax._src.primitives import selection
 
 
 def _uniform_scores(key: jax.Array, shape: Sequence[int]) -> jax.Array:

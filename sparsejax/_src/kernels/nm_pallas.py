@@ -68,7 +68,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from sparsejax._src.nm_format import NMSparse, nm_decompress, nm_take
+from sparsejax._src.formats.nm_format import NMSparse, nm_decompress, nm_take
 
 __all__ = [
   "nm_matmul",

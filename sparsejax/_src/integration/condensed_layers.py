@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from sparsejax._src.condensed import (
+from sparsejax._src.formats.condensed import (
   Condensed,
   Method,
   NotConstantFanInError,
@@ -71,7 +71,7 @@ class CondensedDense(nnx.Module):
   Example:
     >>> import numpy as np, jax.numpy as jnp
     >>> from flax import nnx
-    >>> from sparsejax._src.condensed_layers import CondensedDense
+    >>> from sparsejax._src.integration.condensed_layers import CondensedDense
     >>> linear = nnx.Linear(8, 4, rngs=nnx.Rngs(0))
     >>> mask = np.zeros((8, 4), bool); mask[:2] = True   # fan-in 2 for every output
     >>> layer = CondensedDense.from_linear(linear, mask)

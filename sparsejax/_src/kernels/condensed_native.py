@@ -1,7 +1,7 @@
 """Loader and JAX binding of the native CPU kernel for condensed (SRigL) layers.
 
-The kernel (``sparsejax/_src/csrc/condensed_ffi.cc``) is compiled at install time by
-``setup.py`` into the extension module ``sparsejax._src._condensed_native`` and called
+The kernel (``sparsejax/_src/kernels/csrc/condensed_ffi.cc``) is compiled at install time by
+``setup.py`` into the extension module ``sparsejax._src.kernels._condensed_native`` and called
 through the XLA FFI (``jax.ffi.register_ffi_target`` / ``jax.ffi.ffi_call``). If the
 extension is missing (no C++ compiler at install time, a platform it does not build on,
 or ``SPARSEJAX_DISABLE_NATIVE=1``), :func:`native_available` returns ``False``, the
@@ -52,11 +52,11 @@ def _load() -> bool:
       _state.update(loaded=False, reason="disabled by SPARSEJAX_DISABLE_NATIVE")
       return False
     try:
-      from sparsejax._src import _condensed_native as ext  # type: ignore[attr-defined]
+      from sparsejax._src.kernels import _condensed_native as ext  # type: ignore[attr-defined]
     except ImportError as e:
       _state.update(
         loaded=False,
-        reason=f"extension sparsejax._src._condensed_native is not built ({e})",
+        reason=f"extension sparsejax._src.kernels._condensed_native is not built ({e})",
       )
       return False
     try:
