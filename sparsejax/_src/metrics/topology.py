@@ -1,85 +1,60 @@
-"""Topology metrics, metric writers and a progress reporter for sparse training.
+"""Topology metrics of masks pytrees: sparsity, turnover, ever-active, fan-in, FLOPs.
 
-Three groups, none of which runs a training loop:
-
-* **Topology metrics** on masks pytrees (a bool array per sparse leaf, ``None`` or
-  ``optax.MaskedNode()`` for dense leaves, e.g. :func:`sparsejax.get_masks`'s output):
-  :func:`mask_summary` (per-layer and total sparsity / nnz), :func:`mask_turnover`,
-  :func:`update_ever_active` + :func:`ever_active_fraction` (in-time over-parameterisation),
-  :func:`fan_in_stats` and :func:`estimate_flops`. Everything except :func:`estimate_flops`
-  is written with ``jax.numpy`` and works inside ``jax.jit``; outside jit, turn the results
-  into Python numbers with :func:`to_scalars`.
-* **Metric writers** with CLU-compatible method names (``write_scalars``,
-  ``write_hparams``, ``flush``, ``close``), so a ``clu.metric_writers`` writer can be passed
-  wherever a :class:`MetricWriter` is expected: :class:`LoggingWriter`,
-  :class:`JsonlWriter` (``metrics.jsonl``), :class:`MultiWriter`,
-  :class:`TensorBoardWriter` (optional ``tensorboardX``) and :func:`create_default_writer`.
-* :class:`ReportProgress`: a periodic progress line (step, %, steps/s, ETA, time per timed
-  section such as ``train_step``, ``mask_update``, ``eval``, ``checkpoint``) and a notice on
-  the first (compiling) call of each timed section. No TensorFlow needed.
+A masks pytree has a bool array per sparse leaf and ``None`` or ``optax.MaskedNode()`` at
+dense leaves (e.g. :func:`sparsejax.get_masks`'s output); NNX ``Variable`` boxes around the
+arrays are unwrapped (:mod:`sparsejax._src.tree`). The metrics are
+:func:`mask_summary` (per-layer and total sparsity / nnz), :func:`mask_turnover`,
+:func:`update_ever_active` + :func:`ever_active_fraction` (in-time over-parameterisation),
+:func:`fan_in_stats` and :func:`estimate_flops`. Everything except :func:`estimate_flops`
+works inside ``jax.jit``; on host (NumPy) inputs it computes with NumPy, so nothing is
+dispatched or compiled. Outside jit, turn the results into Python numbers with
+:func:`to_scalars`.
 
 Conventions: a *neuron* is one entry of a kernel's **last** axis (Flax ``Dense`` kernels are
 ``[in, out]``, ``Conv`` kernels ``[..., in, out]``); its *fan-in* is the number of active
 weights over all other axes. Layer names are paths such as ``"layer1/kernel"``.
+
+Metric writers live in :mod:`sparsejax._src.metrics.writers`, the progress reporter in
+:mod:`sparsejax._src.metrics.progress`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
+import importlib
 import numbers
-import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from absl import logging
 
-from sparsejax._src import base
 from sparsejax._src import tree as tree_lib
+from sparsejax._src.tree import sparse_leaves as sparse_leaves
 
-Scalar = int | float | np.number | np.ndarray | jax.Array
 TOTAL = "total"
 
-# --------------------------------------------------------------------------------------
-# Masks pytrees.
-# --------------------------------------------------------------------------------------
+# Transitional: names that moved to writers.py / progress.py, still served from here
+# (lazily, without an import cycle) for importers of the old module (tests/experiments_test.py).
+# Delete with ``__getattr__`` once nothing imports them from here.
+_MOVED = {
+  "MetricWriter": "writers",
+  "LoggingWriter": "writers",
+  "JsonlWriter": "writers",
+  "MultiWriter": "writers",
+  "TensorBoardWriter": "writers",
+  "create_default_writer": "writers",
+  "read_jsonl": "writers",
+  "ReportProgress": "progress",
+}
 
 
-def _is_dense_leaf(x: Any) -> bool:
-  return x is None or isinstance(x, optax.MaskedNode)
-
-
-def _unwrap(x: Any) -> Any:
-  """Unwraps NNX Variable-like containers (``.value``) to their array."""
-  if x is None or isinstance(x, jax.Array | np.ndarray) or not hasattr(x, "value"):
-    return x
-  return x.value
-
-
-def sparse_leaves(masks: Any) -> list[tuple[str, jax.Array]]:
-  """The ``(path, mask)`` pairs of the sparse leaves of a masks pytree, in tree order.
-
-  Args:
-    masks: a params-structured pytree with a mask array per sparse leaf and ``None`` or
-      ``optax.MaskedNode()`` for dense leaves (NNX ``State``, dicts, lists all work).
-
-  Returns:
-    A list of ``(path, mask)`` with paths like ``"layer1/kernel"``; dense leaves skipped.
-  """
-  flat, _ = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_dense_leaf)
-  out = []
-  for path, leaf in flat:
-    leaf = _unwrap(leaf)
-    if _is_dense_leaf(leaf):
-      continue
-    out.append((tree_lib.path_to_str(path), leaf))
-  return out
+def __getattr__(name: str) -> Any:
+  """Resolves the names of ``_MOVED`` from their new module."""
+  module = _MOVED.get(name)
+  if module is None:
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+  return getattr(importlib.import_module(f"sparsejax._src.metrics.{module}"), name)
 
 
 def _xp(*arrays: Any):
@@ -107,6 +82,18 @@ def _safe_div(num: Any, den: Any) -> jax.Array:
   return xp.where(den > 0, num / xp.where(den > 0, den, 1.0), xp.float32(0.0))
 
 
+def _counts(masks: Any) -> list[tuple[str, Any, int]]:
+  """``(path, nnz, size)`` of each sparse leaf; ``nnz`` an int32 scalar, ``size`` an int."""
+  return [
+    (path, _count(m), int(np.prod(m.shape, dtype=np.int64))) for path, m in sparse_leaves(masks)
+  ]
+
+
+def _totals(counts: list[tuple[str, Any, int]]) -> tuple[Any, int]:
+  """Summed ``nnz`` and ``size`` over ``counts`` (0 and 0 when there is no sparse leaf)."""
+  return sum((n for _, n, _ in counts), 0), sum(s for _, _, s in counts)
+
+
 def mask_summary(masks: Any) -> dict[str, dict[str, jax.Array]]:
   """Per-layer and total sparsity and nnz of a masks pytree.
 
@@ -116,22 +103,19 @@ def mask_summary(masks: Any) -> dict[str, dict[str, jax.Array]]:
   Returns:
     ``{path: {"sparsity", "nnz", "size"}, ..., "total": {...}}`` where ``"total"`` sums
     over the sparse (masked) layers only. ``sparsity = 1 - nnz / size``. Values are JAX
-    scalars (``size`` is a Python int).
+    scalars (NumPy for NumPy masks; ``size`` is a Python int).
 
   Example::
 
-    >>> mask_summary({"w": np.array([[1, 0], [0, 0]], bool), "b": None})["w"]["nnz"]
+    >>> mask_summary({"w": jnp.array([[1, 0], [0, 0]], bool), "b": None})["w"]["nnz"]
     Array(1, dtype=int32)
   """
-  out: dict[str, dict[str, Any]] = {}
-  nnz_tot = 0
-  size_tot = 0
-  for path, m in sparse_leaves(masks):
-    nnz = _count(m)
-    size = int(np.prod(m.shape, dtype=np.int64))
-    out[path] = {"sparsity": 1.0 - _safe_div(nnz, size), "nnz": nnz, "size": size}
-    nnz_tot = nnz_tot + nnz
-    size_tot += size
+  counts = _counts(masks)
+  out: dict[str, dict[str, Any]] = {
+    path: {"sparsity": 1.0 - _safe_div(nnz, size), "nnz": nnz, "size": size}
+    for path, nnz, size in counts
+  }
+  nnz_tot, size_tot = _totals(counts)
   out[TOTAL] = {"sparsity": 1.0 - _safe_div(nnz_tot, size_tot), "nnz": nnz_tot, "size": size_tot}
   return out
 
@@ -162,7 +146,7 @@ def mask_turnover(old_masks: Any, new_masks: Any) -> dict[str, jax.Array]:
     new_masks: masks after the update (same sparse layers and shapes).
 
   Returns:
-    ``{path: turnover, ..., "total": turnover over all sparse layers}`` (JAX float32).
+    ``{path: turnover, ..., "total": turnover over all sparse layers}`` (float32 scalars).
 
   Raises:
     ValueError: if the two trees do not have the same sparse layers and shapes.
@@ -182,24 +166,48 @@ def mask_turnover(old_masks: Any, new_masks: Any) -> dict[str, jax.Array]:
 
 
 def init_ever_active(masks: Any) -> Any:
-  """Starts an "ever active" record: the masks themselves, as bool (dense leaves kept)."""
+  """Starts an "ever active" record from the current masks.
+
+  Args:
+    masks: masks pytree.
+
+  Returns:
+    ``masks`` with every mask as a bool array; dense markers (``None``/``MaskedNode``) and
+    the tree structure (NNX ``Variable`` boxes included) kept.
+  """
   return jax.tree.map(
-    lambda m: m if _is_dense_leaf(m) else _as_bool(_unwrap(m)), masks, is_leaf=_is_dense_leaf
+    lambda m: m if tree_lib.is_dense_marker(m) else _as_bool(tree_lib.unwrap(m)),
+    masks,
+    is_leaf=tree_lib.is_dense_marker,
   )
 
 
 def update_ever_active(ever_active: Any, masks: Any) -> Any:
-  """OR-accumulates ``masks`` into ``ever_active`` (same structure; jit-safe).
+  """OR-accumulates ``masks`` into ``ever_active`` (jit-safe).
 
   Call after every mask update (or every step: it is cheap) to track in-time
   over-parameterisation (Liu et al. 2021, https://arxiv.org/abs/2102.02887).
+
+  Args:
+    ever_active: the record so far (:func:`init_ever_active`).
+    masks: the current masks, with the same structure.
+
+  Returns:
+    The updated record: per sparse leaf ``ever_active | masks`` (bool), dense leaves kept.
+
+  Raises:
+    ValueError: if the two trees do not have the same sparse layers and shapes.
   """
   _check_same_structure(ever_active, masks, ("ever_active", "masks"))
   return jax.tree.map(
-    lambda e, m: e if _is_dense_leaf(e) else _as_bool(_unwrap(e)) | _as_bool(_unwrap(m)),
+    lambda e, m: (
+      e
+      if tree_lib.is_dense_marker(e)
+      else _as_bool(tree_lib.unwrap(e)) | _as_bool(tree_lib.unwrap(m))
+    ),
     ever_active,
     masks,
-    is_leaf=_is_dense_leaf,
+    is_leaf=tree_lib.is_dense_marker,
   )
 
 
@@ -213,15 +221,9 @@ def ever_active_fraction(ever_active: Any) -> dict[str, jax.Array]:
     ``{path: fraction, ..., "total": fraction over all sparse layers}``. For a static mask
     this is the density ``1 - sparsity``; dynamic methods explore more of the weights.
   """
-  out = {}
-  n_tot = 0
-  size_tot = 0
-  for path, e in sparse_leaves(ever_active):
-    n = _count(e)
-    size = int(np.prod(e.shape, dtype=np.int64))
-    out[path] = _safe_div(n, size)
-    n_tot, size_tot = n_tot + n, size_tot + size
-  out[TOTAL] = _safe_div(n_tot, size_tot)
+  counts = _counts(ever_active)
+  out = {path: _safe_div(n, size) for path, n, size in counts}
+  out[TOTAL] = _safe_div(*_totals(counts))
   return out
 
 
@@ -277,6 +279,15 @@ def _default_is_kernel(path: str, shape: Sequence[int]) -> bool:
   return len(shape) >= 2
 
 
+def _active_weights(leaf: Any, name: str, mask_by_path: Mapping[str, Any], masked: bool) -> int:
+  """Active weights of one kernel: its mask's nnz, else all of them, else its nonzeros."""
+  if name in mask_by_path:
+    return int(np.count_nonzero(np.asarray(mask_by_path[name])))
+  if masked or isinstance(leaf, jax.ShapeDtypeStruct):
+    return int(np.prod(leaf.shape, dtype=np.int64))  # a dense leaf of a masked model.
+  return int(np.count_nonzero(np.asarray(leaf)))
+
+
 def estimate_flops(
   params: Any,
   masks: Any = None,
@@ -315,31 +326,21 @@ def estimate_flops(
   """
   positions = dict(positions or {})
   mask_by_path = dict(sparse_leaves(masks)) if masks is not None else {}
-  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_dense_leaf)
+  paths, leaves, _ = tree_lib.flatten_masks(params)
   layers: dict[str, dict[str, int]] = {}
   unknown = []
   dense_tot = sparse_tot = 0
-  for path, leaf in flat:
-    leaf = _unwrap(leaf)
-    if _is_dense_leaf(leaf) or not hasattr(leaf, "shape"):
+  for name, leaf in zip(paths, leaves, strict=True):
+    if leaf is None or not hasattr(leaf, "shape"):
       continue
-    name = tree_lib.path_to_str(path)
     shape = tuple(int(d) for d in leaf.shape)
     if not is_kernel(name, shape):
       continue
-    size = int(np.prod(shape, dtype=np.int64))
-    if name in mask_by_path:
-      nnz = int(np.count_nonzero(np.asarray(mask_by_path[name])))
-    elif masks is not None:
-      nnz = size  # a dense leaf of a masked model.
-    elif isinstance(leaf, jax.ShapeDtypeStruct):
-      nnz = size
-    else:
-      nnz = int(np.count_nonzero(np.asarray(leaf)))
     if name not in positions and len(shape) > 2:
       unknown.append(name)
     p = int(positions.get(name, 1))
-    d, s = 2 * size * p, 2 * nnz * p
+    d = 2 * int(np.prod(shape, dtype=np.int64)) * p
+    s = 2 * _active_weights(leaf, name, mask_by_path, masks is not None) * p
     layers[name] = {"dense": d, "sparse": s, "positions": p}
     dense_tot += d
     sparse_tot += s
@@ -365,7 +366,7 @@ def to_scalars(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dic
   """Flattens a nested dict of scalar metrics into ``{"a/b/c": python_number}``.
 
   Transfers JAX arrays to the host once (``jax.device_get``). Non-numeric values (lists,
-  strings) are dropped.
+  strings) and arrays with ``ndim > 0`` are dropped.
 
   Args:
     tree: nested mapping, e.g. ``{"l1/kernel": {"min": Array(3)}}``.
@@ -373,7 +374,7 @@ def to_scalars(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dic
     sep: key separator.
 
   Returns:
-    A flat dict of Python ints/floats.
+    A flat dict of Python ints/floats (bools become ints).
   """
   tree = jax.device_get(tree)
   out: dict[str, Any] = {}
@@ -389,425 +390,3 @@ def to_scalars(tree: Mapping[str, Any], prefix: str = "", sep: str = "/") -> dic
 
   rec(tree, prefix)
   return out
-
-
-# --------------------------------------------------------------------------------------
-# Metric writers.
-# --------------------------------------------------------------------------------------
-
-
-@runtime_checkable
-class MetricWriter(Protocol):
-  """What sparsejax needs from a metric writer; the names match ``clu.metric_writers``.
-
-  Any object with these four methods works, including CLU writers.
-  """
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
-    """Writes scalar metrics for ``step``."""
-
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    """Records the hyperparameters of the run (once per run)."""
-
-  def flush(self) -> None:
-    """Makes everything written so far durable/visible."""
-
-  def close(self) -> None:
-    """Flushes and releases resources."""
-
-
-def _format_value(v: Any) -> str:
-  if isinstance(v, float):
-    return f"{v:.6g}"
-  return str(v)
-
-
-class LoggingWriter:
-  """Writes metrics as ``absl.logging.info`` lines: ``[step] key=value, ...``.
-
-  Args:
-    collection: optional label printed after the step, e.g. ``"train"``.
-  """
-
-  def __init__(self, collection: str | None = None):
-    self._collection = collection
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
-    if not scalars:
-      return
-    values = to_scalars(dict(scalars))
-    tag = f" {self._collection}" if self._collection else ""
-    body = ", ".join(f"{k}={_format_value(v)}" for k, v in sorted(values.items()))
-    logging.info("[%d]%s %s", int(step), tag, body)
-
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    logging.info("Hyperparameters: %s", json.dumps(_jsonable(hparams), sort_keys=True))
-
-  def flush(self) -> None:
-    pass
-
-  def close(self) -> None:
-    pass
-
-
-def _jsonable(x: Any) -> Any:
-  """Converts numbers, arrays, tuples and mappings into JSON-serialisable values."""
-  if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, list | tuple):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, jax.Array | np.ndarray | np.generic):
-    arr = np.asarray(jax.device_get(x))
-    return arr.item() if arr.ndim == 0 else arr.tolist()
-  if x is None or isinstance(x, bool | int | float | str):
-    return x
-  return str(x)
-
-
-class JsonlWriter:
-  """Appends one JSON object per ``write_scalars`` call to ``<directory>/metrics.jsonl``.
-
-  Each line is ``{"step": step, key: value, ...}`` with Python numbers (NaN and infinities
-  are written as ``NaN`` / ``Infinity``, which Python's ``json`` and pandas read back).
-  Hyperparameters go to ``<directory>/hparams.json`` (rewritten on each call), so the
-  JSONL file holds step records only. Read it back with :func:`read_jsonl`.
-
-  Args:
-    directory: where the files go (created if needed).
-    filename: the JSONL file name.
-  """
-
-  def __init__(self, directory: str | os.PathLike, filename: str = "metrics.jsonl"):
-    self.directory = os.fspath(directory)
-    os.makedirs(self.directory, exist_ok=True)
-    self.path = os.path.join(self.directory, filename)
-    self._file = None
-
-  def _handle(self):
-    if self._file is None:
-      self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open.
-    return self._file
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
-    if not scalars:
-      return
-    record = {"step": int(step)}
-    record.update(to_scalars(dict(scalars)))
-    self._handle().write(json.dumps(record) + "\n")
-
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    path = os.path.join(self.directory, "hparams.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(_jsonable(hparams), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
-
-  def flush(self) -> None:
-    if self._file is not None:
-      self._file.flush()
-
-  def close(self) -> None:
-    if self._file is not None:
-      self._file.close()
-      self._file = None
-
-
-class MultiWriter:
-  """Forwards every call to each of ``writers``, in order."""
-
-  def __init__(self, writers: Sequence[MetricWriter]):
-    self.writers = list(writers)
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
-    for w in self.writers:
-      w.write_scalars(step, scalars)
-
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    for w in self.writers:
-      w.write_hparams(hparams)
-
-  def flush(self) -> None:
-    for w in self.writers:
-      w.flush()
-
-  def close(self) -> None:
-    for w in self.writers:
-      w.close()
-
-
-class TensorBoardWriter:
-  """TensorBoard event files through ``tensorboardX`` (optional dependency).
-
-  Args:
-    logdir: directory of the event files.
-
-  Raises:
-    ImportError: if ``tensorboardX`` is not installed, with the install command.
-  """
-
-  def __init__(self, logdir: str | os.PathLike):
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(
-        "TensorBoardWriter needs tensorboardX: pip install 'sparsejax[tensorboard]' "
-        "(or pip install tensorboardX). Metrics still go to metrics.jsonl without it."
-      ) from e
-    self._writer = SummaryWriter(logdir=os.fspath(logdir))
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Scalar]) -> None:
-    for k, v in to_scalars(dict(scalars)).items():
-      self._writer.add_scalar(k, v, global_step=int(step))
-
-  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-    text = json.dumps(_jsonable(hparams), indent=2, sort_keys=True)
-    self._writer.add_text("hparams", f"```\n{text}\n```", global_step=0)
-
-  def flush(self) -> None:
-    self._writer.flush()
-
-  def close(self) -> None:
-    self._writer.close()
-
-
-def create_default_writer(
-  workdir: str | os.PathLike | None,
-  *,
-  just_logging: bool | None = None,
-  tensorboard: bool = False,
-  filename: str = "metrics.jsonl",
-) -> MetricWriter:
-  """The writer the experiments use: absl logging + ``metrics.jsonl`` (+ TensorBoard).
-
-  Mirrors ``clu.metric_writers.create_default_writer``.
-
-  Args:
-    workdir: directory for ``metrics.jsonl`` (and event files); None means logging only.
-    just_logging: only log (no files). Default ``jax.process_index() > 0``, so that in a
-      multi-host run only host 0 writes files.
-    tensorboard: also write TensorBoard event files under ``workdir`` (needs tensorboardX).
-    filename: the JSONL file name.
-
-  Returns:
-    A :class:`MetricWriter`.
-  """
-  if just_logging is None:
-    just_logging = jax.process_index() > 0
-  if just_logging or workdir is None:
-    return LoggingWriter()
-  writers: list[MetricWriter] = [LoggingWriter(), JsonlWriter(workdir, filename)]
-  if tensorboard:
-    writers.append(TensorBoardWriter(workdir))
-  return MultiWriter(writers)
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-  """Reads a ``metrics.jsonl`` file into a list of records (a truncated last line is skipped).
-
-  Args:
-    path: the JSONL file, or a directory containing ``metrics.jsonl``.
-
-  Returns:
-    The records in file order.
-  """
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, "metrics.jsonl")
-  records = []
-  with open(path, encoding="utf-8") as f:
-    lines = f.read().split("\n")
-  for i, line in enumerate(lines):
-    if not line.strip():
-      continue
-    try:
-      records.append(json.loads(line))
-    except json.JSONDecodeError:
-      if i == len(lines) - 1:  # a line cut by a crash mid-write.
-        logging.warning("Skipping a truncated last line in %s.", path)
-        continue
-      raise ValueError(f"{path}:{i + 1} is not valid JSON: {line[:200]!r}") from None
-  return records
-
-
-# --------------------------------------------------------------------------------------
-# Progress.
-# --------------------------------------------------------------------------------------
-
-
-def _default_log_fn() -> Callable[[str], None]:
-  """absl INFO when it is visible (under absl.app), else print (notebooks, scripts)."""
-  if logging.level_info():
-    return logging.info
-  return lambda msg: print(msg, flush=True)
-
-
-def _format_duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class ReportProgress:
-  """Reports training progress every ``every_steps`` steps or ``every_secs`` seconds.
-
-  Same constructor and ``timed`` names as ``clu.periodic_actions.ReportProgress``. Call it
-  with the step number after each training step; it returns True when it reported. The
-  line shows the step, percentage, steps/s, ETA and, for each section timed with
-  :meth:`timed` since the last report, the mean time per call and its share of wall time::
-
-    step 1200/3000 (40.0%) | 85.3 steps/s | ETA 0:21 | train_step 9.1 ms (78%),
-    mask_update 15.2 ms (1%), eval 48.0 ms (3%)
-
-  The first call of each timed section usually includes JIT compilation: it is announced
-  ("compiling") and reported separately, and left out of the averages. The first call of
-  the reporter only starts the clock, so compilation does not distort steps/s.
-
-  ``timed`` measures the wall time of its block. JAX dispatches asynchronously, so to time
-  device work block on the block's outputs inside it (``jax.block_until_ready``).
-
-  Args:
-    num_train_steps: total steps, for the percentage and ETA (None: unknown).
-    writer: optional :class:`MetricWriter`; receives ``perf/steps_per_sec``,
-      ``perf/uptime`` and ``perf/<section>_ms`` at each report.
-    every_steps: report when ``step % every_steps == 0``.
-    every_secs: report when this many seconds passed since the last report.
-    log_fn: where the line goes; default absl INFO when visible (``absl.app``), else print.
-  """
-
-  def __init__(
-    self,
-    num_train_steps: int | None,
-    writer: MetricWriter | None = None,
-    every_steps: int | None = None,
-    every_secs: float | None = 60.0,
-    log_fn: Callable[[str], None] | None = None,
-  ):
-    if every_steps is not None and every_steps < 1:
-      raise ValueError(f"every_steps must be >= 1 or None; got {every_steps}.")
-    if every_secs is not None and every_secs <= 0:
-      raise ValueError(f"every_secs must be > 0 or None; got {every_secs}.")
-    self.num_train_steps = num_train_steps
-    self.writer = writer
-    self.every_steps = every_steps
-    self.every_secs = every_secs
-    self._log = log_fn or _default_log_fn()
-    self._t0 = time.monotonic()
-    self._last_time: float | None = None
-    self._last_step: int | None = None
-    self._sections: dict[str, list[float]] = {}  # name -> [seconds, calls] since report
-    self._totals: dict[str, list[float]] = {}  # name -> [seconds, calls] overall
-    self._first_calls: dict[str, float] = {}
-    self.last_line: str | None = None
-
-  @contextlib.contextmanager
-  def timed(self, name: str, *, first_call_compiles: bool = True) -> Iterator[None]:
-    """Times the enclosed block under ``name`` (e.g. ``"train_step"``, ``"mask_update"``).
-
-    Args:
-      name: section name shown in the progress line.
-      first_call_compiles: announce the first call as a compilation and keep it out of the
-        averages (set False for sections that do not compile, e.g. checkpoint writes).
-    """
-    first = first_call_compiles and name not in self._first_calls
-    if first:
-      self._log(f"{name}: first call, compiling (this can take a while for large models)...")
-    start = time.monotonic()
-    try:
-      yield
-    finally:
-      elapsed = time.monotonic() - start
-      if first:
-        self._first_calls[name] = elapsed
-        self._log(f"{name}: first call took {elapsed:.2f} s (includes compilation).")
-      else:
-        for table in (self._sections, self._totals):
-          acc = table.setdefault(name, [0.0, 0])
-          acc[0] += elapsed
-          acc[1] += 1
-
-  def _should_report(self, step: int, now: float) -> bool:
-    if self.num_train_steps is not None and step >= self.num_train_steps:
-      return True
-    if self.every_steps is not None and step % self.every_steps == 0:
-      return True
-    assert self._last_time is not None
-    return self.every_secs is not None and now - self._last_time >= self.every_secs
-
-  def __call__(self, step: int, t: float | None = None) -> bool:
-    """Records that ``step`` finished; reports if due. Returns whether it reported."""
-    now = time.monotonic() if t is None else t
-    step = int(step)
-    if self._last_time is None:
-      self._last_time, self._last_step = now, step
-      self._sections.clear()
-      return False
-    if step == self._last_step or not self._should_report(step, now):
-      return False
-    dt = max(now - self._last_time, 1e-9)
-    steps_per_sec = (step - self._last_step) / dt
-    parts = [self._step_text(step), f"{steps_per_sec:.1f} steps/s"]
-    if self.num_train_steps is not None and steps_per_sec > 0:
-      remaining = max(self.num_train_steps - step, 0) / steps_per_sec
-      parts.append(f"ETA {_format_duration(remaining)}")
-    timings = []
-    scalars: dict[str, float] = {
-      "perf/steps_per_sec": steps_per_sec,
-      "perf/uptime": now - self._t0,
-    }
-    for name, (secs, calls) in sorted(self._sections.items()):
-      if calls:
-        ms = 1e3 * secs / calls
-        timings.append(f"{name} {ms:.2f} ms ({100.0 * secs / dt:.0f}%)")
-        scalars[f"perf/{name}_ms"] = ms
-    if timings:
-      parts.append(", ".join(timings))
-    self.last_line = " | ".join(parts)
-    self._log(self.last_line)
-    if self.writer is not None:
-      self.writer.write_scalars(step, scalars)
-    self._sections.clear()
-    self._last_time, self._last_step = now, step
-    return True
-
-  def _step_text(self, step: int) -> str:
-    if self.num_train_steps:
-      pct = 100.0 * step / self.num_train_steps
-      return f"step {step}/{self.num_train_steps} ({pct:.1f}%)"
-    return f"step {step}"
-
-  def summary(self) -> dict[str, dict[str, float]]:
-    """Per timed section: ``{"total_s", "calls", "mean_ms", "first_call_s"}`` so far."""
-    out = {}
-    for name in sorted(set(self._totals) | set(self._first_calls)):
-      secs, calls = self._totals.get(name, [0.0, 0])
-      out[name] = {
-        "total_s": secs,
-        "calls": int(calls),
-        "mean_ms": 1e3 * secs / calls if calls else float("nan"),
-        "first_call_s": self._first_calls.get(name, float("nan")),
-      }
-    return out
-
-
-__all__ = (
-  "MetricWriter",
-  "LoggingWriter",
-  "JsonlWriter",
-  "MultiWriter",
-  "TensorBoardWriter",
-  "create_default_writer",
-  "read_jsonl",
-  "ReportProgress",
-  "sparse_leaves",
-  "mask_summary",
-  "mask_turnover",
-  "init_ever_active",
-  "update_ever_active",
-  "ever_active_fraction",
-  "fan_in_stats",
-  "estimate_flops",
-  "to_scalars",
-)
