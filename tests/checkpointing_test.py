@@ -228,3 +228,30 @@ def test_compare_trees_scalars_by_kind():
 def test_invalid_max_to_keep(tmp_path):
   with pytest.raises(ValueError, match="max_to_keep"):
     C.CheckpointManager(tmp_path, max_to_keep=0)
+
+
+def test_directory_that_is_a_file_is_refused(tmp_path):
+  path = tmp_path / "not_a_dir"
+  path.write_text("a file")
+  with pytest.raises(NotADirectoryError, match=r"`directory` .*not_a_dir' is a file, not a direct"):
+    C.CheckpointManager(path)
+  assert path.read_text() == "a file"  # untouched
+
+
+@pytest.mark.parametrize("kind", ["parent_is_a_file", "broken_link"])
+def test_directory_that_cannot_be_created_is_refused(tmp_path, kind):
+  if kind == "parent_is_a_file":
+    (tmp_path / "workdir").write_text("a file")
+    path = tmp_path / "workdir" / "checkpoints"
+  else:
+    path = tmp_path / "link"
+    path.symlink_to(tmp_path / "missing" / "target")
+  with pytest.raises(OSError, match=r"`directory` .* cannot be created or read"):
+    C.CheckpointManager(path)
+
+
+def test_directory_is_created(tmp_path):
+  path = tmp_path / "a" / "b" / "checkpoints"
+  with C.CheckpointManager(path) as ckpt:
+    assert ckpt.latest_step() is None
+  assert path.is_dir()

@@ -88,6 +88,12 @@ def abstract_like(tree: Any) -> Any:
   """``jax.ShapeDtypeStruct`` (with sharding) for every array leaf; other leaves kept.
 
   Use it to build a restore target without holding a second copy of the arrays.
+
+  Args:
+    tree: a pytree of ``jax.Array``, NumPy arrays, ``ShapeDtypeStruct`` or other leaves.
+
+  Returns:
+    The same tree with a ``ShapeDtypeStruct`` per array (a ``jax.Array``'s sharding kept).
   """
 
   def conv(x):
@@ -162,6 +168,29 @@ def compare_trees(stored: Any, target: Any, *, max_lines: int = 20) -> list[str]
 # --------------------------------------------------------------------------------------
 
 
+def _prepare_directory(directory: str) -> None:
+  """Creates ``directory`` if needed; raises a clear error if it cannot be used.
+
+  Orbax would take an existing *file* for an empty checkpoint directory (``latest_step()``
+  None, i.e. a silent fresh start) and fails with a bare ``OSError`` traceback on a path it
+  cannot create. The error keeps the class of the underlying ``OSError``.
+  """
+  if os.path.exists(directory) and not os.path.isdir(directory):
+    raise NotADirectoryError(
+      f"CheckpointManager: `directory` {directory!r} is a file, not a directory. Pass a "
+      "directory for the checkpoints (it is created if missing), e.g. <workdir>/checkpoints."
+    )
+  try:
+    os.makedirs(directory, exist_ok=True)
+    os.listdir(directory)
+  except OSError as e:
+    raise type(e)(
+      f"CheckpointManager: `directory` {directory!r} cannot be created or read "
+      f"({e.strerror or e}). Check that no part of the path is a file or a broken link and "
+      "that you may write there."
+    ) from e
+
+
 class CheckpointManager:
   """A small wrapper around ``orbax.checkpoint.CheckpointManager`` with safe restores.
 
@@ -173,6 +202,12 @@ class CheckpointManager:
       (``force=True`` overrides).
     async_save: write in a background thread (call :meth:`wait_until_finished` or
       :meth:`close` before exiting).
+
+  Raises:
+    ValueError: ``max_to_keep < 1``.
+    NotADirectoryError: ``directory`` is a file.
+    OSError: ``directory`` cannot be created or read (the subclass of the cause, e.g.
+      ``PermissionError``, or ``NotADirectoryError`` when a parent is a file).
   """
 
   def __init__(
@@ -186,6 +221,7 @@ class CheckpointManager:
     if max_to_keep is not None and max_to_keep < 1:
       raise ValueError(f"max_to_keep must be >= 1 or None; got {max_to_keep}.")
     self.directory = os.path.abspath(os.fspath(directory))
+    _prepare_directory(self.directory)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       save_interval_steps=save_interval_steps,
@@ -217,7 +253,17 @@ class CheckpointManager:
     return os.path.join(self.directory, str(step))
 
   def read_config(self, step: int | None = None) -> dict[str, Any] | None:
-    """The config JSON stored with checkpoint ``step`` (default latest), or None."""
+    """The config JSON stored with checkpoint ``step`` (default latest).
+
+    Args:
+      step: the checkpoint step; default the latest.
+
+    Returns:
+      The stored config dict, or None when the checkpoint has none or it cannot be read.
+
+    Raises:
+      FileNotFoundError: ``step`` is None and there is no checkpoint.
+    """
     step = self._resolve_step(step)
     try:
       restored = self._mngr.restore(
@@ -268,7 +314,14 @@ class CheckpointManager:
   def check_compatible(self, target: Any, step: int | None = None) -> None:
     """Raises if checkpoint ``step`` (default latest) cannot be restored into ``target``.
 
+    Only metadata is read: nothing is restored, written or deleted.
+
+    Args:
+      target: the restore target (see :meth:`restore`).
+      step: the checkpoint step; default the latest.
+
     Raises:
+      FileNotFoundError: ``step`` is None and there is no checkpoint.
       CheckpointMismatchError: paths, shapes or dtypes differ (all listed).
       CorruptCheckpointError: the checkpoint's metadata cannot be read.
     """
@@ -349,10 +402,3 @@ class CheckpointManager:
 
   def __exit__(self, *exc: Any) -> None:
     self.close()
-
-
-__all__ = (
-  "CheckpointManager",
-  "CheckpointMismatchError",
-  "CorruptCheckpointError",
-)
