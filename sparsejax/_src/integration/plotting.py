@@ -44,6 +44,11 @@ def _new_figure(width: float, height: float):
 def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int = 120) -> str:
   """Saves ``fig`` as an image (format from the extension), creating directories.
 
+  Args:
+    fig: a ``matplotlib.figure.Figure``.
+    path: the file to write, e.g. ``"plots/curves.png"``.
+    dpi: resolution of raster formats.
+
   Returns:
     The path written.
   """
@@ -103,6 +108,18 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray,
   return np.asarray(steps), np.asarray(values, dtype=float)
 
 
+def _finish_step_axes(fig: Any, axes: Sequence[Any], title: str | None, *, legend: bool) -> Any:
+  """Labels the x axes "step", adds a light grid, legends (if ``legend``) and the title."""
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if legend:
+      ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  return fig
+
+
 def plot_curves(
   runs: Mapping[str, Sequence[Mapping[str, Any]]],
   keys: Sequence[str] = ("train/loss", "eval/accuracy"),
@@ -126,14 +143,8 @@ def plot_curves(
       steps, values = _series(records, key)
       if steps.size:
         ax.plot(steps, values, label=label, marker="." if steps.size < 30 else None)
-    ax.set_xlabel("step")
     ax.set_title(key)
-    ax.grid(alpha=0.3)
-    if len(runs) > 1:
-      ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  return fig
+  return _finish_step_axes(fig, axes, title, legend=len(runs) > 1)
 
 
 def plot_topology(
@@ -167,14 +178,7 @@ def plot_topology(
   ax_t.set_ylabel("fraction of active weights replaced")
   ax_e.set_title("ever-active fraction (ITOP)")
   ax_e.set_ylabel("fraction of sparse-layer weights")
-  for ax in (ax_t, ax_e):
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    if len(runs) > 1:
-      ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  return fig
+  return _finish_step_axes(fig, (ax_t, ax_e), title, legend=len(runs) > 1)
 
 
 def plot_fan_in_heatmap(
@@ -197,6 +201,9 @@ def plot_fan_in_heatmap(
 
   Returns:
     A ``matplotlib.figure.Figure``.
+
+  Raises:
+    ValueError: ``fan_in`` is not ``[len(steps), neurons]``.
   """
   data = np.asarray(fan_in, dtype=float)
   if data.ndim != 2 or data.shape[0] != len(steps):
@@ -214,12 +221,3 @@ def plot_fan_in_heatmap(
   ax.set_title(f"fan-in per neuron{': ' + layer if layer else ''}")
   fig.colorbar(im, ax=ax, label="active inputs")
   return fig
-
-
-__all__ = (
-  "plot_layer_sparsity",
-  "plot_curves",
-  "plot_topology",
-  "plot_fan_in_heatmap",
-  "save_figure",
-)

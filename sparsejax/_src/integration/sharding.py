@@ -51,15 +51,21 @@ def _is_spec_leaf(x: Any) -> bool:
   return isinstance(x, Sharding | PartitionSpec)
 
 
-def _is_masked(x: Any) -> bool:
-  return isinstance(x, optax.MaskedNode)
-
-
 def named_shardings(mesh: jax.sharding.Mesh, specs: Any) -> Any:
   """Turns a pytree of ``PartitionSpec`` into the same tree of ``NamedSharding`` on ``mesh``.
 
   ``optax.MaskedNode`` leaves are kept (they hold no array). Leaves that already are
   ``Sharding`` objects are returned unchanged.
+
+  Args:
+    mesh: the mesh the shardings live on.
+    specs: a pytree of ``PartitionSpec`` (or ``Sharding``/``MaskedNode``) leaves.
+
+  Returns:
+    The same tree with ``NamedSharding(mesh, spec)`` for every ``PartitionSpec``.
+
+  Raises:
+    TypeError: a leaf of another kind (e.g. ``None``: use ``PartitionSpec()``).
 
   Example:
     >>> mesh = jax.make_mesh((1,), ("fsdp",))
@@ -68,7 +74,7 @@ def named_shardings(mesh: jax.sharding.Mesh, specs: Any) -> Any:
   """
 
   def convert(x):
-    if _is_masked(x) or isinstance(x, Sharding):
+    if tree_lib.is_masked_node(x) or isinstance(x, Sharding):
       return x
     if isinstance(x, PartitionSpec):
       return NamedSharding(mesh, x)
@@ -77,7 +83,9 @@ def named_shardings(mesh: jax.sharding.Mesh, specs: Any) -> Any:
       f"({type(x).__name__}). Use PartitionSpec() (not None) for a replicated leaf."
     )
 
-  return jax.tree.map(convert, specs, is_leaf=lambda x: _is_masked(x) or _is_spec_leaf(x))
+  return jax.tree.map(
+    convert, specs, is_leaf=lambda x: tree_lib.is_masked_node(x) or _is_spec_leaf(x)
+  )
 
 
 def _replicated_like(leaves: Sequence[Any], mesh: jax.sharding.Mesh | None) -> ShardingOrSpec:
@@ -158,24 +166,23 @@ def opt_state_shardings(
     replicated = NamedSharding(mesh, replicated)
 
   def non_param(value):
-    return jax.tree.map(lambda _: replicated, value, is_leaf=_is_masked)
+    return jax.tree.map(lambda _: replicated, value, is_leaf=tree_lib.is_masked_node)
 
   if _is_spec_leaf(param_shardings):  # one sharding for every param
     single = param_shardings
-    return optax.tree_utils.tree_map_params(
-      tx,
-      lambda v: v if _is_masked(v) else single,
-      opt_state,
-      transform_non_params=non_param,
-      is_leaf=_is_masked,
+    param_fn, param_trees = (lambda v: v if tree_lib.is_masked_node(v) else single), ()
+  else:
+    param_fn, param_trees = (
+      (lambda v, s: v if tree_lib.is_masked_node(v) else s),
+      (param_shardings,),
     )
   return optax.tree_utils.tree_map_params(
     tx,
-    lambda v, s: v if _is_masked(v) else s,
+    param_fn,
     opt_state,
-    param_shardings,
+    *param_trees,
     transform_non_params=non_param,
-    is_leaf=_is_masked,
+    is_leaf=tree_lib.is_masked_node,
   )
 
 
@@ -204,10 +211,12 @@ def abstract_opt_state(
   abstract = jax.eval_shape(tx.init, params)
   shardings = opt_state_shardings(tx, abstract, param_shardings, mesh=mesh)
   return jax.tree.map(
-    lambda a, s: a if _is_masked(a) else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+    lambda a, s: (
+      a if tree_lib.is_masked_node(a) else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+    ),
     abstract,
     shardings,
-    is_leaf=_is_masked,
+    is_leaf=tree_lib.is_masked_node,
   )
 
 
@@ -391,13 +400,3 @@ def param_specs_from_rules(
           )
     out.append(spec)
   return jax.tree.unflatten(treedef, out)
-
-
-__all__ = (
-  "abstract_opt_state",
-  "fsdp_param_specs",
-  "named_shardings",
-  "opt_state_shardings",
-  "param_specs_from_rules",
-  "shard_dst_init",
-)
