@@ -7,9 +7,9 @@ processes, one per device count (the flag must be set before JAX starts):
 
 * 1 device: ``jax.jit`` of the train step, no mesh;
 * 8 devices: a 2×4 ``("data", "fsdp")`` mesh (Auto axes), FSDP param specs
-  (``sparsejax.fsdp_param_specs``, largest divisible axis), batch sharded over both axes,
+  (``sparsejax.sharding.fsdp_param_specs``, largest divisible axis), batch sharded over both axes,
   ``jax.jit(step, in_shardings=..., out_shardings=...)`` with optimizer-state shardings from
-  ``sparsejax.opt_state_shardings``.
+  ``sparsejax.sharding.opt_state_shardings``.
 
 Per method: the median time of a normal step and of a mask-update step (the same compiled
 step fed a state whose count is a normal or an update step; interleaved rounds), their

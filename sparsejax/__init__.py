@@ -1,35 +1,36 @@
-"""sparsejax: dynamic sparse training for JAX, as composable Optax transformations.
+"""sparsejax: sparse neural-network training for JAX, as composable Optax transformations.
 
-The public API is flat: ``import sparsejax as sj; tx = sj.rigl(optax.adam(1e-3), ...)``.
-Implementation lives in private modules under ``sparsejax._src``; do not import from there.
+``import sparsejax as sj; tx = sj.rigl(optax.adam(1e-3), sparsity=0.9, end_step=7500)``.
+
+The top level holds the core: the methods, the state readers, structures, criteria,
+distributions and schedules, and the main N:M and condensed entry points. Everything else
+lives in namespaces, imported when first used (so ``import sparsejax`` loads neither Flax,
+orbax, matplotlib nor Pallas):
+
+* ``sj.nm``: the N:M format, kernels, Flax layers and SR-STE pieces;
+* ``sj.condensed``: the condensed constant-fan-in format, kernels and layers;
+* ``sj.primitives``: exact top-k selection, drop-and-grow, SRigL's ablation rule;
+* ``sj.metrics``: topology metrics, metric writers, progress reporting;
+* ``sj.checkpoint``: orbax checkpointing; ``sj.sharding``: sharding helpers;
+* ``sj.plotting``: matplotlib plots.
+
+Implementation lives in ``sparsejax._src`` (folders per layer: primitives, allocation,
+criteria, transforms, formats, kernels, integration, metrics); do not import from there.
 """
 
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any
+
+from sparsejax._src.allocation.distributions import erdos_renyi as erdos_renyi
+from sparsejax._src.allocation.distributions import erk as erk
+from sparsejax._src.allocation.distributions import uniform as uniform
+from sparsejax._src.base import LayerInfo as LayerInfo
 from sparsejax._src.base import ScoreContext as ScoreContext
-from sparsejax._src.tree import path_to_str as path_to_str
-from sparsejax._src.integration.checkpointing import CheckpointManager as CheckpointManager
-from sparsejax._src.integration.checkpointing import (
-  CheckpointMismatchError as CheckpointMismatchError,
-)
-from sparsejax._src.integration.checkpointing import (
-  CorruptCheckpointError as CorruptCheckpointError,
-)
-from sparsejax._src.formats.condensed import Condensed as Condensed
-from sparsejax._src.formats.condensed import NotConstantFanInError as NotConstantFanInError
-from sparsejax._src.formats.condensed import condense as condense
-from sparsejax._src.formats.condensed import condensed_matmul as condensed_matmul
-from sparsejax._src.formats.condensed import condensed_nbytes as condensed_nbytes
-from sparsejax._src.formats.condensed import select_condensed_method as select_condensed_method
-from sparsejax._src.formats.condensed import uncondense as uncondense
-from sparsejax._src.integration.condensed_layers import CondensedBuffer as CondensedBuffer
-from sparsejax._src.integration.condensed_layers import CondensedDense as CondensedDense
-from sparsejax._src.integration.condensed_layers import condense_params as condense_params
-from sparsejax._src.integration.condensed_layers import condensed_conv as condensed_conv
-from sparsejax._src.integration.condensed_layers import (
-  condensed_dense_apply as condensed_dense_apply,
-)
-from sparsejax._src.kernels.condensed_native import (  # noqa: F401
-  native_available as condensed_native_available,
-)
+from sparsejax._src.criteria.schedules import drop_fraction_schedule as drop_fraction_schedule
+from sparsejax._src.criteria.schedules import is_mask_update_step as is_mask_update_step
 from sparsejax._src.criteria.scores import get_criterion as get_criterion
 from sparsejax._src.criteria.scores import gradient_magnitude as gradient_magnitude
 from sparsejax._src.criteria.scores import magnitude as magnitude
@@ -37,89 +38,218 @@ from sparsejax._src.criteria.scores import momentum_magnitude as momentum_magnit
 from sparsejax._src.criteria.scores import random_scores as random_scores
 from sparsejax._src.criteria.scores import register_criterion as register_criterion
 from sparsejax._src.criteria.scores import registered_criteria as registered_criteria
-from sparsejax._src.allocation.distributions import erdos_renyi as erdos_renyi
-from sparsejax._src.allocation.distributions import erk as erk
-from sparsejax._src.allocation.distributions import uniform as uniform
-from sparsejax._src.transforms.dynamic_sparse import DynamicSparseState as DynamicSparseState
-from sparsejax._src.transforms.dynamic_sparse import apply_masks as apply_masks
-from sparsejax._src.transforms.dynamic_sparse import dynamic_sparse as dynamic_sparse
-from sparsejax._src.transforms.dynamic_sparse import find_dst_state as find_dst_state
-from sparsejax._src.transforms.dynamic_sparse import format_summary as format_summary
-from sparsejax._src.transforms.dynamic_sparse import get_masks as get_masks
-from sparsejax._src.transforms.dynamic_sparse import is_mask_update_step as is_mask_update_step
-from sparsejax._src.transforms.dynamic_sparse import layer_sparsities as layer_sparsities
-from sparsejax._src.transforms.dynamic_sparse import rigl as rigl
-from sparsejax._src.transforms.dynamic_sparse import set_ as set_
-from sparsejax._src.transforms.dynamic_sparse import static_sparse as static_sparse
-from sparsejax._src.transforms.dynamic_sparse import summarize as summarize
-from sparsejax._src.metrics.topology import JsonlWriter as JsonlWriter
-from sparsejax._src.metrics.topology import LoggingWriter as LoggingWriter
-from sparsejax._src.metrics.topology import MetricWriter as MetricWriter
-from sparsejax._src.metrics.topology import MultiWriter as MultiWriter
-from sparsejax._src.metrics.topology import ReportProgress as ReportProgress
-from sparsejax._src.metrics.topology import TensorBoardWriter as TensorBoardWriter
-from sparsejax._src.metrics.topology import create_default_writer as create_default_writer
-from sparsejax._src.metrics.topology import estimate_flops as estimate_flops
-from sparsejax._src.metrics.topology import ever_active_fraction as ever_active_fraction
-from sparsejax._src.metrics.topology import fan_in_stats as fan_in_stats
-from sparsejax._src.metrics.topology import init_ever_active as init_ever_active
-from sparsejax._src.metrics.topology import mask_summary as mask_summary
-from sparsejax._src.metrics.topology import mask_turnover as mask_turnover
-from sparsejax._src.metrics.topology import read_jsonl as read_jsonl
-from sparsejax._src.metrics.topology import sparse_leaves as sparse_leaves
-from sparsejax._src.metrics.topology import to_scalars as to_scalars
-from sparsejax._src.metrics.topology import update_ever_active as update_ever_active
-from sparsejax._src.formats.nm_format import NMSparse as NMSparse
-from sparsejax._src.formats.nm_format import index_bits as index_bits
-from sparsejax._src.formats.nm_format import is_nm_sparse as is_nm_sparse
-from sparsejax._src.formats.nm_format import make_nm_sparse as make_nm_sparse
+from sparsejax._src.formats.condensed import condense as condense
+from sparsejax._src.formats.condensed import condensed_matmul as condensed_matmul
 from sparsejax._src.formats.nm_format import nm_compress as nm_compress
 from sparsejax._src.formats.nm_format import nm_decompress as nm_decompress
-from sparsejax._src.formats.nm_format import nm_mask as nm_mask
-from sparsejax._src.formats.nm_format import nm_nbytes as nm_nbytes
-from sparsejax._src.formats.nm_format import nm_take as nm_take
-from sparsejax._src.formats.nm_format import pack_indices as pack_indices
-from sparsejax._src.formats.nm_format import unpack_indices as unpack_indices
-from sparsejax._src.kernels.nm_pallas import nm_matmul as nm_matmul
-from sparsejax._src.kernels.nm_pallas import nm_matmul_dense_grad as nm_matmul_dense_grad
-from sparsejax._src.kernels.nm_pallas import nm_matmul_reference as nm_matmul_reference
-from sparsejax._src.integration.nm_layers import NM_INDICES_COLLECTION as NM_INDICES_COLLECTION
-from sparsejax._src.integration.nm_layers import NMDense as NMDense
-from sparsejax._src.integration.nm_layers import NMDenseLinen as NMDenseLinen
-from sparsejax._src.integration.nm_layers import NMIndices as NMIndices
-from sparsejax._src.integration.nm_layers import nm_dense_from_kernel as nm_dense_from_kernel
-from sparsejax._src.integration.nm_layers import (
-  nm_dense_linen_variables as nm_dense_linen_variables,
-)
-from sparsejax._src.integration.plotting import plot_curves as plot_curves
-from sparsejax._src.integration.plotting import plot_fan_in_heatmap as plot_fan_in_heatmap
-from sparsejax._src.integration.plotting import plot_layer_sparsity as plot_layer_sparsity
-from sparsejax._src.integration.plotting import plot_topology as plot_topology
-from sparsejax._src.integration.plotting import save_figure as save_figure
-from sparsejax._src.primitives.selection import drop_and_grow as drop_and_grow
-from sparsejax._src.primitives.selection import grouped_drop_and_grow as grouped_drop_and_grow
-from sparsejax._src.primitives.selection import topk_mask as topk_mask
-from sparsejax._src.integration.sharding import abstract_opt_state as abstract_opt_state
-from sparsejax._src.integration.sharding import fsdp_param_specs as fsdp_param_specs
-from sparsejax._src.integration.sharding import named_shardings as named_shardings
-from sparsejax._src.integration.sharding import opt_state_shardings as opt_state_shardings
-from sparsejax._src.integration.sharding import param_specs_from_rules as param_specs_from_rules
-from sparsejax._src.integration.sharding import shard_dst_init as shard_dst_init
-from sparsejax._src.transforms.sr_ste import NMSRSTEState as NMSRSTEState
-from sparsejax._src.transforms.sr_ste import default_nm_filter as default_nm_filter
-from sparsejax._src.transforms.sr_ste import mdgf_schedule as mdgf_schedule
-from sparsejax._src.transforms.sr_ste import nm_project as nm_project
-from sparsejax._src.transforms.sr_ste import nm_sr_ste as nm_sr_ste
-from sparsejax._src.transforms.sr_ste import nm_ste as nm_ste
-from sparsejax._src.transforms.sr_ste import sdgf_patterns as sdgf_patterns
-from sparsejax._src.transforms.sr_ste import sdgf_schedule as sdgf_schedule
-from sparsejax._src.transforms.methods import active_neurons as active_neurons
-from sparsejax._src.transforms.methods import fan_in_counts as fan_in_counts
-from sparsejax._src.transforms.methods import neurons_to_ablate as neurons_to_ablate
-from sparsejax._src.transforms.methods import srigl as srigl
+
+# TODO(arch) restore: from sparsejax._src.kernels.nm_matmul import nm_matmul as nm_matmul
 from sparsejax._src.primitives.structures import NM as NM
 from sparsejax._src.primitives.structures import ConstantFanIn as ConstantFanIn
+from sparsejax._src.primitives.structures import Structure as Structure
 from sparsejax._src.primitives.structures import Unstructured as Unstructured
 from sparsejax._src.primitives.structures import get_structure as get_structure
+from sparsejax._src.transforms.dynamic_sparse import SparseTransformation as SparseTransformation
+from sparsejax._src.transforms.dynamic_sparse import dynamic_sparse as dynamic_sparse
+from sparsejax._src.transforms.methods import rigl as rigl
+from sparsejax._src.transforms.methods import set_ as set_
+from sparsejax._src.transforms.methods import srigl as srigl
+from sparsejax._src.transforms.methods import static_sparse as static_sparse
+from sparsejax._src.transforms.readers import apply_masks as apply_masks
+from sparsejax._src.transforms.readers import find_dst_state as find_dst_state
+from sparsejax._src.transforms.readers import format_summary as format_summary
+from sparsejax._src.transforms.readers import forward_params as forward_params
+from sparsejax._src.transforms.readers import get_masks as get_masks
+from sparsejax._src.transforms.readers import layer_sparsities as layer_sparsities
+from sparsejax._src.transforms.readers import summarize as summarize
+from sparsejax._src.transforms.sr_ste import NMSRSTEState as NMSRSTEState
+from sparsejax._src.transforms.sr_ste import nm_sr_ste as nm_sr_ste
+from sparsejax._src.transforms.state import DynamicSparseState as DynamicSparseState
+from sparsejax._src.tree import path_to_str as path_to_str
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_NAMESPACES = ("checkpoint", "condensed", "metrics", "nm", "plotting", "primitives", "sharding")
+
+__all__ = (
+  # Methods.
+  "dynamic_sparse",
+  "static_sparse",
+  "set_",
+  "rigl",
+  "srigl",
+  "nm_sr_ste",
+  "SparseTransformation",
+  # State and readers.
+  "DynamicSparseState",
+  "NMSRSTEState",
+  "apply_masks",
+  "forward_params",
+  "get_masks",
+  "find_dst_state",
+  "summarize",
+  "format_summary",
+  "layer_sparsities",
+  # Schedules.
+  "is_mask_update_step",
+  "drop_fraction_schedule",
+  # Structures.
+  "Structure",
+  "Unstructured",
+  "ConstantFanIn",
+  "NM",
+  "get_structure",
+  # Criteria.
+  "ScoreContext",
+  "LayerInfo",
+  "magnitude",
+  "gradient_magnitude",
+  "random_scores",
+  "momentum_magnitude",
+  "register_criterion",
+  "get_criterion",
+  "registered_criteria",
+  # Distributions.
+  "uniform",
+  "erdos_renyi",
+  "erk",
+  # N:M and condensed entry points.
+  "nm_compress",
+  "nm_decompress",
+  "nm_matmul",
+  "condense",
+  "condensed_matmul",
+  # Utilities.
+  "path_to_str",
+  # Namespaces.
+  *_NAMESPACES,
+)
+
+# Names that moved from the top level into a namespace in 0.2 (still importable from the
+# top level, with a DeprecationWarning naming the new place).
+_MOVED = {
+  **{
+    name: "checkpoint"
+    for name in ("CheckpointManager", "CheckpointMismatchError", "CorruptCheckpointError")
+  },
+  **{
+    name: "condensed"
+    for name in (
+      "Condensed",
+      "NotConstantFanInError",
+      "condensed_nbytes",
+      "select_condensed_method",
+      "uncondense",
+      "CondensedBuffer",
+      "CondensedDense",
+      "condense_params",
+      "condensed_conv",
+      "condensed_dense_apply",
+    )
+  },
+  **{
+    name: "metrics"
+    for name in (
+      "JsonlWriter",
+      "LoggingWriter",
+      "MetricWriter",
+      "MultiWriter",
+      "ReportProgress",
+      "TensorBoardWriter",
+      "create_default_writer",
+      "estimate_flops",
+      "ever_active_fraction",
+      "fan_in_stats",
+      "init_ever_active",
+      "mask_summary",
+      "mask_turnover",
+      "read_jsonl",
+      "sparse_leaves",
+      "to_scalars",
+      "update_ever_active",
+    )
+  },
+  **{
+    name: "nm"
+    for name in (
+      "NMSparse",
+      "index_bits",
+      "is_nm_sparse",
+      "make_nm_sparse",
+      "nm_mask",
+      "nm_nbytes",
+      "nm_take",
+      "pack_indices",
+      "unpack_indices",
+      "nm_matmul_dense_grad",
+      "nm_matmul_reference",
+      "NM_INDICES_COLLECTION",
+      "NMDense",
+      "NMDenseLinen",
+      "NMIndices",
+      "nm_dense_from_kernel",
+      "nm_dense_linen_variables",
+      "default_nm_filter",
+      "mdgf_schedule",
+      "nm_project",
+      "nm_ste",
+      "sdgf_patterns",
+      "sdgf_schedule",
+    )
+  },
+  **{
+    name: "plotting"
+    for name in (
+      "plot_curves",
+      "plot_fan_in_heatmap",
+      "plot_layer_sparsity",
+      "plot_topology",
+      "save_figure",
+    )
+  },
+  **{
+    name: "primitives"
+    for name in (
+      "drop_and_grow",
+      "grouped_drop_and_grow",
+      "topk_mask",
+      "active_neurons",
+      "fan_in_counts",
+      "neurons_to_ablate",
+    )
+  },
+  **{
+    name: "sharding"
+    for name in (
+      "abstract_opt_state",
+      "fsdp_param_specs",
+      "named_shardings",
+      "opt_state_shardings",
+      "param_specs_from_rules",
+      "shard_dst_init",
+    )
+  },
+}
+_RENAMED = {"condensed_native_available": ("condensed", "native_available")}
+
+
+def __getattr__(name: str) -> Any:
+  """Loads namespaces on first use; resolves names moved in 0.2 with a warning."""
+  if name in _NAMESPACES:
+    module = importlib.import_module(f"sparsejax.{name}")
+    globals()[name] = module
+    return module
+  if name in _MOVED or name in _RENAMED:
+    namespace, new_name = _RENAMED.get(name, (_MOVED.get(name), name))
+    warnings.warn(
+      f"sparsejax.{name} moved to sparsejax.{namespace}.{new_name} in sparsejax 0.2; the "
+      "top-level name will be removed in a future release.",
+      DeprecationWarning,
+      stacklevel=2,
+    )
+    return getattr(importlib.import_module(f"sparsejax.{namespace}"), new_name)
+  raise AttributeError(f"module 'sparsejax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+  return sorted(set(globals()) | set(__all__))

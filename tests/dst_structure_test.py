@@ -33,7 +33,8 @@ def _params():
 
 @pytest.mark.parametrize("method", ["set_", "rigl", "srigl"])
 def test_non_update_branch_has_no_selection_work(method):
-  tx = getattr(sj, method)(optax.adam(1e-3), sparsity=0.9, update_every=10, end_step=100)
+  kwargs = dict(last_layer="b") if method == "srigl" else {}
+  tx = getattr(sj, method)(optax.adam(1e-3), sparsity=0.9, update_every=10, end_step=100, **kwargs)
   params = _params()
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr

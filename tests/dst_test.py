@@ -443,9 +443,9 @@ BAD_INIT = [
 
 @pytest.mark.parametrize("kwargs,word", BAD_INIT)
 def test_bad_init_inputs_raise_value_errors(kwargs, word):
-  tx = sj.dynamic_sparse(optax.sgd(0.1), **kwargs)
+  # Raised when the transformation is built (argument errors) or at init (shape errors).
   with pytest.raises(ValueError, match=word):
-    tx.init(_params(sizes=((12, 16), (16, 8), (8, 2))))
+    sj.dynamic_sparse(optax.sgd(0.1), **kwargs).init(_params(sizes=((12, 16), (16, 8), (8, 2))))
 
 
 def test_update_without_params_and_empty_params_raise():

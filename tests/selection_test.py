@@ -20,16 +20,22 @@ def _reference_topk(scores, k, candidates=None):
 
 def test_topk_hand_worked_ties_by_index():
   scores = jnp.array([1.0, 3.0, 3.0, 0.0, 3.0])
-  np.testing.assert_array_equal(sj.topk_mask(scores, 2), [False, True, True, False, False])
-  np.testing.assert_array_equal(sj.topk_mask(scores, 4), [True, True, True, False, True])
-  np.testing.assert_array_equal(sj.topk_mask(scores, 0), [False] * 5)
-  np.testing.assert_array_equal(sj.topk_mask(scores, 9), [True] * 5)
+  np.testing.assert_array_equal(
+    sj.primitives.topk_mask(scores, 2), [False, True, True, False, False]
+  )
+  np.testing.assert_array_equal(sj.primitives.topk_mask(scores, 4), [True, True, True, False, True])
+  np.testing.assert_array_equal(sj.primitives.topk_mask(scores, 0), [False] * 5)
+  np.testing.assert_array_equal(sj.primitives.topk_mask(scores, 9), [True] * 5)
 
 
 def test_topk_negative_zero_and_inf_scores():
   scores = jnp.array([-1.0, -jnp.inf, 0.0, -0.5, jnp.inf, -2.0])
-  np.testing.assert_array_equal(sj.topk_mask(scores, 3), [False, False, True, True, True, False])
-  np.testing.assert_array_equal(sj.topk_mask(scores, 5), [True, False, True, True, True, True])
+  np.testing.assert_array_equal(
+    sj.primitives.topk_mask(scores, 3), [False, False, True, True, True, False]
+  )
+  np.testing.assert_array_equal(
+    sj.primitives.topk_mask(scores, 5), [True, False, True, True, True, True]
+  )
 
 
 @pytest.mark.parametrize("shape,k", [((7,), 3), ((4, 6), 10), ((3, 3, 5), 1), ((64, 33), 700)])
@@ -37,15 +43,15 @@ def test_topk_matches_reference_with_duplicates(shape, k):
   rng = np.random.default_rng(0)
   scores = rng.integers(0, 5, size=shape).astype(np.float32)  # many ties
   candidates = rng.random(shape) < 0.7
-  got = sj.topk_mask(jnp.asarray(scores), k, candidates=jnp.asarray(candidates))
+  got = sj.primitives.topk_mask(jnp.asarray(scores), k, candidates=jnp.asarray(candidates))
   np.testing.assert_array_equal(got, _reference_topk(scores, k, candidates))
 
 
 def test_topk_dynamic_k_under_jit_and_eager_agree():
   scores = jax.random.normal(jax.random.PRNGKey(1), (50, 20))
-  f = jax.jit(lambda s, k: sj.topk_mask(s, k))
+  f = jax.jit(lambda s, k: sj.primitives.topk_mask(s, k))
   for k in (0, 1, 17, 999, 1000, 1200):
-    eager = sj.topk_mask(scores, k)
+    eager = sj.primitives.topk_mask(scores, k)
     np.testing.assert_array_equal(f(scores, jnp.int32(k)), eager)
     assert int(eager.sum()) == min(k, 1000)
     np.testing.assert_array_equal(eager, _reference_topk(scores, k))
@@ -54,7 +60,7 @@ def test_topk_dynamic_k_under_jit_and_eager_agree():
 def test_topk_along_axis_with_per_slice_counts():
   scores = jnp.array([[3.0, 1.0, 2.0], [2.0, 2.0, 0.0], [1.0, 3.0, 2.0], [0.0, 0.0, 1.0]])
   k = jnp.array([[2, 0, 1]])  # per column
-  got = sj.topk_mask(scores, k, axis=0)
+  got = sj.primitives.topk_mask(scores, k, axis=0)
   expected = np.array(
     [[True, False, True], [True, False, False], [False, False, False], [False, False, False]]
   )
@@ -71,11 +77,11 @@ def test_drop_and_grow_invariants(shape, density, drop_fraction):
   k1, k2, k3 = jax.random.split(key, 3)
   size = int(np.prod(shape))
   nnz = max(1, int(size * density))
-  mask = sj.topk_mask(jax.random.uniform(k1, shape), nnz)
+  mask = sj.primitives.topk_mask(jax.random.uniform(k1, shape), nnz)
   drop_scores = jnp.abs(jax.random.normal(k2, shape))
   grow_scores = jnp.abs(jax.random.normal(k3, shape))
   n_drop = int(np.floor(nnz * drop_fraction))
-  new, kept = jax.jit(sj.drop_and_grow)(mask, drop_scores, grow_scores, n_drop)
+  new, kept = jax.jit(sj.primitives.drop_and_grow)(mask, drop_scores, grow_scores, n_drop)
   new, kept, mask = map(np.asarray, (new, kept, mask))
   grown = new & ~kept
   dropped = mask & ~kept
@@ -106,14 +112,16 @@ def test_every_selection_strategy_matches_reference(strategy, axis, monkeypatch)
   candidates = rng.random((12, 9)) < 0.8
   if axis is None:
     for k in (0, 1, 40, 86, 200):
-      got = sj.topk_mask(jnp.asarray(scores), k, candidates=jnp.asarray(candidates))
+      got = sj.primitives.topk_mask(jnp.asarray(scores), k, candidates=jnp.asarray(candidates))
       np.testing.assert_array_equal(got, _reference_topk(scores, k, candidates), err_msg=f"k={k}")
     return
   n_slices = scores.shape[1 - axis]
   ks = rng.integers(-1, scores.shape[axis] + 2, size=n_slices)
   k_arr = jnp.asarray(ks).reshape((1, -1) if axis == 0 else (-1, 1))
   got = np.asarray(
-    sj.topk_mask(jnp.asarray(scores), k_arr, axis=axis, candidates=jnp.asarray(candidates))
+    sj.primitives.topk_mask(
+      jnp.asarray(scores), k_arr, axis=axis, candidates=jnp.asarray(candidates)
+    )
   )
   for j in range(n_slices):
     sl = (slice(None), j) if axis == 0 else (j, slice(None))

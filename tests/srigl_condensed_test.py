@@ -65,7 +65,9 @@ def test_mlp_trained_with_srigl_condensed_outputs_match():
   for name in ("l1", "l2", "out"):
     layer = getattr(model, name)
     c = sj.condense(layer.kernel[...], masks[name]["kernel"], layer.bias[...])
-    np.testing.assert_array_equal(sj.uncondense(c), layer.kernel[...] * masks[name]["kernel"])
+    np.testing.assert_array_equal(
+      sj.condensed.uncondense(c), layer.kernel[...] * masks[name]["kernel"]
+    )
     h = sj.condensed_matmul(h, c)
     if name != "out":
       h = jax.nn.relu(h)
@@ -80,7 +82,7 @@ def test_cnn_trained_with_srigl_condensed_outputs_match():
   for name, stride in (("c1", (1, 1)), ("c2", (2, 2))):
     layer = getattr(model, name)
     c = sj.condense(layer.kernel[...], masks[name]["kernel"], layer.bias[...])
-    h = jax.nn.relu(sj.condensed_conv(h, c, strides=stride, padding="SAME"))
+    h = jax.nn.relu(sj.condensed.condensed_conv(h, c, strides=stride, padding="SAME"))
   c = sj.condense(model.out.kernel[...], masks["out"]["kernel"], model.out.bias[...])
   h = sj.condensed_matmul(h.reshape(h.shape[0], -1), c)
   np.testing.assert_allclose(h, model(x), rtol=1e-5, atol=1e-5)

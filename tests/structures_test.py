@@ -52,13 +52,9 @@ def _nm_counts(mask, m):
   + [("rigl", 2, 8), ("set_", 1, 8)],
 )
 def test_nm_groups_keep_exactly_n_after_every_update(method, n, m):
-  kwargs = dict(
-    structure=sj.NM(n, m),
-    update_every=1,
-    end_step=100,
-    drop_fraction=0.5,
-    drop_fraction_decay="constant",
-  )
+  kwargs = dict(structure=sj.NM(n, m))
+  if method != "static_sparse":
+    kwargs.update(update_every=1, end_step=100, drop_fraction=0.5, drop_fraction_decay="constant")
   tx = getattr(sj, method)(optax.sgd(0.1, momentum=0.9), **kwargs)
   changed = []
 
@@ -75,18 +71,14 @@ def test_nm_groups_keep_exactly_n_after_every_update(method, n, m):
 
 @pytest.mark.parametrize("method", ["static_sparse", "set_", "rigl"])
 def test_constant_fan_in_in_every_method(method):
+  schedule = dict(update_every=1, end_step=100) if method != "static_sparse" else {}
   tx = getattr(sj, method)(
-    optax.adam(1e-2),
-    sparsity=0.8,
-    distribution="uniform",
-    structure="fan_in",
-    update_every=1,
-    end_step=100,
+    optax.adam(1e-2), sparsity=0.8, distribution="uniform", structure="fan_in", **schedule
   )
 
   def check(old, new, params, new_params, grads):
     for name, shape in (("conv", (3, 3, 8, 8)), ("dense", (72, 16)), ("out", (16, 4))):
-      counts = np.asarray(sj.fan_in_counts(new.masks[name]["kernel"]))
+      counts = np.asarray(sj.primitives.fan_in_counts(new.masks[name]["kernel"]))
       size = int(np.prod(shape))
       k = int(np.floor(size * 0.2 + 1e-9)) // shape[-1]
       assert np.all(counts == k), (name, counts, k)
@@ -100,7 +92,7 @@ def test_initial_constant_fan_in_masks_and_floor_in_k():
   params = {"w": jnp.ones((128, 64))}
   tx = sj.srigl(optax.sgd(0.1), sparsity=0.9, distribution="uniform", end_step=10)
   state = tx.init(params)
-  counts = np.asarray(sj.fan_in_counts(state.masks["w"]))
+  counts = np.asarray(sj.primitives.fan_in_counts(state.masks["w"]))
   assert np.all(counts == 12) and counts.sum() == 768
 
 
@@ -129,6 +121,7 @@ def test_srigl_ablates_a_planted_weak_neuron_and_revives_it():
     drop_fraction=0.3,
     drop_fraction_decay="constant",
     gamma_sal=0.3,
+    last_layer="out",
   )
   state = tx.init(params)
   params = sj.apply_masks(params, state)
@@ -150,7 +143,7 @@ def test_srigl_ablates_a_planted_weak_neuron_and_revives_it():
   min_neurons = budget // 72
   assert active.sum() >= min_neurons + 1
   # The output layer is never ablated by default.
-  assert np.all(np.asarray(sj.fan_in_counts(state.masks["out"]["kernel"])) > 0)
+  assert np.all(np.asarray(sj.primitives.fan_in_counts(state.masks["out"]["kernel"])) > 0)
   # Large gradients revive the weak neurons at the next update.
   grads = _grads(params, 6)
   grads["dense"]["kernel"] = grads["dense"]["kernel"].at[:, weak].multiply(100.0)
@@ -169,6 +162,7 @@ def test_srigl_invariants_over_updates_conv_and_dense():
     end_step=100,
     drop_fraction=0.3,
     drop_fraction_decay="constant",
+    last_layer="out",
   )
 
   def check(old, new, params, new_params, grads):
@@ -187,7 +181,7 @@ def test_srigl_invariants_over_updates_conv_and_dense():
       np.testing.assert_array_equal(w[grown], 0.0)
       for moment in (new.inner_state[0].mu, new.inner_state[0].nu):
         np.testing.assert_array_equal(np.asarray(moment[name]["kernel"])[grown], 0.0)
-    out_counts = np.asarray(sj.fan_in_counts(new.masks["out"]["kernel"]))
+    out_counts = np.asarray(sj.primitives.fan_in_counts(new.masks["out"]["kernel"]))
     assert np.all(out_counts > 0)
 
   _run_updates(tx, 4, check=check)

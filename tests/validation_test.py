@@ -176,12 +176,12 @@ CASES = {
     "float",
   ),
   "nm_indices_out_of_range": (
-    lambda: sj.make_nm_sparse(jnp.ones((4, 4)), jnp.full((4, 4), 7, jnp.int8), 2, 4, (8, 4)),
+    lambda: sj.nm.make_nm_sparse(jnp.ones((4, 4)), jnp.full((4, 4), 7, jnp.int8), 2, 4, (8, 4)),
     ValueError,
     "indices",
   ),
   "nm_indices_float_dtype": (
-    lambda: sj.make_nm_sparse(jnp.ones((4, 4)), jnp.zeros((4, 4)), 2, 4, (8, 4)),
+    lambda: sj.nm.make_nm_sparse(jnp.ones((4, 4)), jnp.zeros((4, 4)), 2, 4, (8, 4)),
     TypeError,
     "indices",
   ),

@@ -187,3 +187,23 @@ def reshard_like(x: jax.Array, like: Any) -> jax.Array:
     return x
   concrete = isinstance(like, jax.Array) and not isinstance(like, jax.core.Tracer)
   return jax.sharding.reshard(x, like.sharding if concrete else jax.typeof(like).sharding)
+
+
+def sparsity_totals(layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """Totals of per-layer ``{"size", "nnz", "sparse"}`` entries: all leaves, sparse leaves.
+
+  Returns:
+    ``{"total_size", "total_nnz", "total_sparsity", "sparse_size", "sparse_nnz",
+    "sparse_sparsity"}`` (Python numbers; sparsity 0 for an empty set).
+  """
+  out: dict[str, Any] = {}
+  for key, chosen in (
+    ("total", list(layers.values())),
+    ("sparse", [e for e in layers.values() if e["sparse"]]),
+  ):
+    size = sum(e["size"] for e in chosen)
+    nnz = sum(e["nnz"] for e in chosen)
+    out[f"{key}_size"] = size
+    out[f"{key}_nnz"] = nnz
+    out[f"{key}_sparsity"] = 1.0 - nnz / size if size else 0.0
+  return out

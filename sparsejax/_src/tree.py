@@ -40,6 +40,18 @@ def is_dense_marker(x: Any) -> bool:
   return x is None or isinstance(x, optax.MaskedNode)
 
 
+def is_leafless_node(tree: Any) -> bool:
+  """Whether ``tree`` is a custom pytree node with no leaves.
+
+  ``optax.tree_utils.tree_map_params`` passes such a placeholder to ``init`` to find where
+  the param-shaped trees of a state are; plain empty containers (``{}``, ``[]``, ``()``,
+  ``None``) are not placeholders but empty params.
+  """
+  if tree is None or isinstance(tree, dict | list | tuple):
+    return False
+  return not jax.tree.leaves(tree)
+
+
 def flatten_with_paths(tree: Any) -> tuple[list[str], list[Any], Any]:
   """Flattens ``tree`` into (paths, leaves, treedef); MaskedNode counts as a leaf."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_masked_node)

@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax._src import base
-from sparsejax._src import tree as tree_lib
 
 Criterion = Callable[[base.ScoreContext], jax.Array]
 

@@ -1,13 +1,18 @@
-"""Sparsity structures: which masks are allowed, and how drop-and-grow respects them.
+"""Sparsity structures: which masks are allowed, and how a mask update respects them.
 
-A structure is a small frozen record with four hooks used by every DST method:
+A structure is a small frozen record with four hooks, used by every method:
 
-* ``layer_sparsity(path, shape, requested)``: the sparsity this leaf will actually have
-  (validates the shape, e.g. N:M divisibility, constant fan-in ≥ 1);
+* ``layer_sparsity(layer, requested)``: the sparsity this leaf will actually have, given
+  its :class:`~sparsejax.LayerInfo` (validates the shape, e.g. N:M divisibility, constant
+  fan-in ≥ 1);
 * ``target_nnz(shape, sparsity)``: the exact number of nonzeros of a mask;
 * ``random_mask(key, shape, sparsity)``: a random initial mask satisfying the structure;
-* ``drop_and_grow(mask, drop_scores, grow_scores, n_drop, sparsity)``: one mask update
-  that keeps nnz (and the structure) exactly.
+* ``drop_and_grow(ctx, drop_scores, grow_scores, n_drop)``: one mask update of the leaf
+  described by ``ctx`` (a :class:`~sparsejax.ScoreContext`: mask, weights, gradient,
+  target sparsity, position in the model) that keeps the structure exactly; returns the
+  new bool mask.
+
+A user-defined structure is any object with these four methods.
 
 Axes follow the Flax layout: the neuron (output) axis is the **last** axis, and the
 contraction ("fan-in") axis is the product of all other axes (Dense ``[in, out]``: axis 0;
@@ -19,30 +24,50 @@ NVIDIA 2:4 convention) when ``in % M == 0``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 
 from sparsejax._src import base
-from sparsejax._src.primitives import selection
+from sparsejax._src.primitives import ablation, selection
+
+
+@runtime_checkable
+class Structure(Protocol):
+  """What a sparsity structure provides (see the module docstring)."""
+
+  def layer_sparsity(self, layer: base.LayerInfo, requested: float) -> float: ...
+
+  def target_nnz(self, shape: Sequence[int], sparsity: float) -> int: ...
+
+  def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array: ...
+
+  def drop_and_grow(
+    self, ctx: base.ScoreContext, drop_scores: jax.Array, grow_scores: jax.Array, n_drop: Any
+  ) -> jax.Array: ...
 
 
 def _uniform_scores(key: jax.Array, shape: Sequence[int]) -> jax.Array:
   return jax.random.uniform(key, tuple(shape), jnp.float32)
 
 
-def _fan_in_shape(shape: Sequence[int]) -> tuple[int, int]:
-  shape = tuple(shape)
-  return base.shape_size(shape[:-1]), shape[-1]
+def _needs_kernel(name: str, layer: base.LayerInfo) -> None:
+  if len(layer.shape) < 2:
+    raise ValueError(
+      f"structure={name} needs leaves with ndim >= 2; {layer.path!r} has shape "
+      f"{tuple(layer.shape)}. Keep it dense with `exclude=`."
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class Unstructured:
   """Any mask with the right number of nonzeros (SET, RigL)."""
 
-  def layer_sparsity(self, path: str, shape: Sequence[int], requested: float) -> float:
-    del path, shape
+  def layer_sparsity(self, layer: base.LayerInfo, requested: float) -> float:
+    del layer
     return requested
 
   def target_nnz(self, shape: Sequence[int], sparsity: float) -> int:
@@ -51,9 +76,10 @@ class Unstructured:
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
     return selection.topk_mask(_uniform_scores(key, shape), self.target_nnz(shape, sparsity))
 
-  def drop_and_grow(self, mask, drop_scores, grow_scores, n_drop, sparsity):
-    del sparsity
-    return selection.drop_and_grow(mask, drop_scores, grow_scores, n_drop)
+  def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
+    """Layer-wise drop of the lowest ``drop_scores``, growth of the highest ``grow_scores``."""
+    new, _ = selection.drop_and_grow(ctx.mask, drop_scores, grow_scores, n_drop)
+    return new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,28 +89,73 @@ class ConstantFanIn:
   ``k = floor(size·(1-S)) // n_out`` (calgaryml/condensed-sparsity
   ``get_fan_in_after_ablation``), so the realised sparsity is at or slightly above the
   requested one. Drop is layer-wise by score; regrowth is per neuron back to ``k``.
+
+  With ``gamma_sal`` set, the structure also ablates neurons, as SRigL does (recomputed at
+  every update, so neurons can revive): a neuron with fewer than ``max(1, int(γ_sal·k0))``
+  salient weights is ablated (see :func:`sparsejax.neurons_to_ablate`) and the freed budget
+  is redistributed (``k = floor(size·(1-S)) // n_active``). Over-full neurons (when ``k``
+  shrinks) are cut by score with index tie-breaking. Layers whose path matches
+  ``no_ablation`` are never ablated; by default (``None``) that is the model's output layer
+  (``LayerInfo.is_last``), which must then be known (``last_layer=``).
+
   Reference: Lasby et al. 2024, https://arxiv.org/abs/2305.02299.
+
+  Attributes:
+    gamma_sal: γ_sal in [0, 1], or ``None`` for no ablation (plain constant fan-in).
+    no_ablation: regex of layers never ablated; ``None`` protects the output layer only;
+      ``"$^"`` protects nothing.
   """
 
+  gamma_sal: float | None = None
+  no_ablation: str | None = None
+
+  def __post_init__(self):
+    if self.gamma_sal is not None:
+      base.check_fraction("gamma_sal", self.gamma_sal)
+    if self.no_ablation is not None:
+      try:
+        re.compile(self.no_ablation)
+      except (re.error, TypeError) as e:
+        raise ValueError(
+          f"`no_ablation` must be a valid regex, got {self.no_ablation!r}: {e}"
+        ) from e
+
   def fan_in(self, shape: Sequence[int], sparsity: float, n_active: int | None = None) -> int:
-    fan_in, n_out = _fan_in_shape(shape)
+    """``k = floor(size·(1-S)) // n_active`` (``n_active`` defaults to every neuron)."""
+    fan_in, n_out = base.fan_in_shape(shape)
     budget = base.floor_count(fan_in * n_out, 1.0 - sparsity)
     return budget // (n_out if n_active is None else n_active)
 
-  def layer_sparsity(self, path: str, shape: Sequence[int], requested: float) -> float:
-    if len(shape) < 2:
-      raise ValueError(
-        f"structure=ConstantFanIn() needs leaves with ndim >= 2; {path!r} has shape "
-        f"{tuple(shape)}. Exclude it with `exclude=`."
-      )
-    k = self.fan_in(shape, requested)
+  def ablates(self, path: str, layer: base.LayerInfo | None) -> bool:
+    """Whether neurons of the leaf at ``path`` may be ablated (static).
+
+    Without ``no_ablation``, every layer but the output layer (``layer.is_last``) may be;
+    a context without layer information (``layer=None``) is not protected.
+    """
+    if self.gamma_sal is None:
+      return False
+    if self.no_ablation is not None:
+      return re.search(self.no_ablation, path) is None
+    return layer is None or not layer.is_last
+
+  def layer_sparsity(self, layer: base.LayerInfo, requested: float) -> float:
+    _needs_kernel("ConstantFanIn()", layer)
+    k = self.fan_in(layer.shape, requested)
     if k < 1:
-      fan_in, n_out = _fan_in_shape(shape)
+      fan_in, n_out = base.fan_in_shape(layer.shape)
       raise ValueError(
-        f"structure=ConstantFanIn() cannot reach sparsity={requested:.4f} on {path!r} "
-        f"(shape {tuple(shape)}, fan-in {fan_in}): the constant fan-in would be "
+        f"structure=ConstantFanIn() cannot reach sparsity={requested:.4f} on {layer.path!r} "
+        f"(shape {tuple(layer.shape)}, fan-in {fan_in}): the constant fan-in would be "
         f"floor({fan_in * n_out}·{1 - requested:.4f}) // {n_out} = {k} < 1. Lower the "
         "sparsity of this layer (`overrides=`) or keep it dense (`exclude=`)."
+      )
+    if self.gamma_sal is not None and self.no_ablation is None and layer.is_last is None:
+      raise ValueError(
+        "SRigL protects the model's output layer from neuron ablation, but the layer order "
+        f"is decided by names only here ({layer.path!r} among {layer.num_layers} sparse "
+        "candidates; JAX and NNX sort dict keys, so 'head' sorts before 'hidden'). Pass "
+        "`last_layer=` (a regex matching the output kernel, e.g. last_layer='head'), or "
+        "`no_ablation=` (a regex of the layers never ablated; '$^' for none)."
       )
     return requested
 
@@ -92,24 +163,38 @@ class ConstantFanIn:
     return self.fan_in(shape, sparsity) * tuple(shape)[-1]
 
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
-    fan_in, n_out = _fan_in_shape(shape)
+    fan_in, n_out = base.fan_in_shape(shape)
     scores = _uniform_scores(key, (fan_in, n_out))
     return selection.topk_mask(scores, self.fan_in(shape, sparsity), axis=0).reshape(shape)
 
-  def drop_and_grow(self, mask, drop_scores, grow_scores, n_drop, sparsity):
-    """Layer-wise drop, per-neuron regrowth back to the fan-in k."""
-    shape = mask.shape
-    flat = _fan_in_shape(shape)
-    new, kept = selection.grouped_drop_and_grow(
-      mask.reshape(flat),
-      drop_scores.reshape(flat),
-      grow_scores.reshape(flat),
-      n_drop,
-      self.fan_in(shape, sparsity),
-      axis=0,
-      cap=False,  # every neuron holds exactly k before the update: none can be over-full
+  def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
+    """Layer-wise drop, per-neuron regrowth back to the fan-in (ablation if enabled)."""
+    shape = ctx.mask.shape
+    flat = base.fan_in_shape(shape)
+    mask = ctx.mask.reshape(flat)
+    drop_scores = drop_scores.reshape(flat)
+    if self.ablates(ctx.path, ctx.layer):
+      nnz = jnp.sum(mask, dtype=jnp.int32)
+      ablated = ablation.neurons_to_ablate(
+        ctx.param.reshape(flat),
+        ctx.grad.reshape(flat),
+        nnz - n_drop,
+        n_drop,
+        ctx.sparsity,
+        self.gamma_sal,
+      )
+      budget = base.floor_count(flat[0] * flat[1], 1.0 - ctx.sparsity)
+      n_active = flat[1] - jnp.sum(ablated, dtype=jnp.int32)
+      per_neuron = jnp.where(ablated, 0, jnp.int32(budget) // n_active)[None, :]
+      drop_scores = jnp.where(ablated[None, :], -jnp.inf, drop_scores)
+      cap = True  # k may shrink when a neuron revives: cut over-full neurons.
+    else:
+      per_neuron = self.fan_in(shape, ctx.sparsity)
+      cap = False  # every neuron holds exactly k before the update: none can be over-full
+    new, _ = selection.grouped_drop_and_grow(
+      mask, drop_scores, grow_scores.reshape(flat), n_drop, per_neuron, axis=0, cap=cap
     )
-    return new.reshape(shape), kept.reshape(shape)
+    return new.reshape(shape)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,23 +219,21 @@ class NM:
   def sparsity(self) -> float:
     return 1.0 - self.n / self.m
 
-  def layer_sparsity(self, path: str, shape: Sequence[int], requested: float) -> float:
-    if len(shape) < 2:
-      raise ValueError(
-        f"structure=NM({self.n}, {self.m}) needs leaves with ndim >= 2; {path!r} has "
-        f"shape {tuple(shape)}."
-      )
-    fan_in, _ = _fan_in_shape(shape)
+  def layer_sparsity(self, layer: base.LayerInfo, requested: float) -> float:
+    del requested
+    _needs_kernel(f"NM({self.n}, {self.m})", layer)
+    fan_in, _ = base.fan_in_shape(layer.shape)
     if fan_in % self.m:
       raise ValueError(
-        f"structure=NM({self.n}, {self.m}): the contraction size of {path!r} (shape "
-        f"{tuple(shape)}, product of all but the last axis = {fan_in}) is not divisible "
-        f"by m={self.m}. Keep this layer dense with `exclude=` or `keep_first_dense=True`."
+        f"structure=NM({self.n}, {self.m}): the contraction size of {layer.path!r} (shape "
+        f"{tuple(layer.shape)}, product of all but the last axis = {fan_in}) is not "
+        f"divisible by m={self.m}. Keep this layer dense with `exclude=` or "
+        "`keep_first_dense=True`."
       )
     return self.sparsity
 
   def _grouped(self, shape: Sequence[int]) -> tuple[int, int, int]:
-    fan_in, n_out = _fan_in_shape(shape)
+    fan_in, n_out = base.fan_in_shape(shape)
     return fan_in // self.m, self.m, n_out
 
   def target_nnz(self, shape: Sequence[int], sparsity: float) -> int:
@@ -162,12 +245,12 @@ class NM:
     scores = _uniform_scores(key, self._grouped(shape))
     return selection.topk_mask(scores, self.n, axis=1).reshape(shape)
 
-  def drop_and_grow(self, mask, drop_scores, grow_scores, n_drop, sparsity):
-    del sparsity
-    shape = mask.shape
+  def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
+    """Layer-wise drop, per-group regrowth back to exactly ``n`` per group."""
+    shape = ctx.mask.shape
     grouped = self._grouped(shape)
-    new, kept = selection.grouped_drop_and_grow(
-      mask.reshape(grouped),
+    new, _ = selection.grouped_drop_and_grow(
+      ctx.mask.reshape(grouped),
       drop_scores.reshape(grouped),
       grow_scores.reshape(grouped),
       n_drop,
@@ -175,17 +258,22 @@ class NM:
       axis=1,
       cap=False,  # every group holds exactly n before the update: none can be over-full
     )
-    return new.reshape(shape), kept.reshape(shape)
+    return new.reshape(shape)
 
 
-Structure = Unstructured | ConstantFanIn | NM
+_BUILTIN = (Unstructured, ConstantFanIn, NM)
 
 
 def get_structure(structure: str | Structure | None) -> Structure:
-  """Resolves ``None``/``"unstructured"``, ``"fan_in"``, ``"nm:2:4"`` or a structure."""
+  """Resolves ``None``/``"unstructured"``, ``"fan_in"``, ``"nm:2:4"`` or a structure object.
+
+  Raises:
+    ValueError: for an unknown name or an object that does not implement
+      :class:`Structure` (the four methods of the module docstring).
+  """
   if structure is None:
     return Unstructured()
-  if isinstance(structure, Unstructured | ConstantFanIn | NM):
+  if isinstance(structure, _BUILTIN):
     return structure
   if isinstance(structure, str):
     s = structure.strip().lower()
@@ -197,8 +285,11 @@ def get_structure(structure: str | Structure | None) -> Structure:
       parts = s.split(":")
       if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
         return NM(int(parts[1]), int(parts[2]))
+  elif isinstance(structure, Structure) and not isinstance(structure, type):
+    return structure
   raise ValueError(
     f"Unknown `structure` {structure!r}; allowed: None, 'unstructured', 'fan_in', "
     "'nm:N:M' (e.g. 'nm:2:4'), sparsejax.Unstructured(), sparsejax.ConstantFanIn(), "
-    "sparsejax.NM(n, m)."
+    "sparsejax.NM(n, m), or an object with layer_sparsity, target_nnz, random_mask and "
+    "drop_and_grow methods."
   )

@@ -1,74 +1,76 @@
-"""SRigL: RigL with a constant fan-in constraint and dynamic neuron ablation.
+"""The ready-made methods: one-line choices of criteria, schedule and structure.
 
-Reference: Lasby, Golubeva, Evci, Nica, Ioannou, "Dynamic Sparse Training with Structured
-Sparsity", ICLR 2024, https://arxiv.org/abs/2305.02299. Semantics follow the official code
-(calgaryml/condensed-sparsity ``RigLConstFanScheduler``; ALGORITHMS.md §4.2–4.3):
-
-* drop is layer-wise by magnitude; regrowth is per neuron by |dense gradient|, back to
-  exactly ``k = floor(numel·(1-S)) // n_active`` incoming weights for every active neuron;
-* neuron ablation, recomputed at every update (so neurons can revive): salient weights are
-  the top ``n_keep`` |w| ∪ the top ``n_drop`` |grad| over the whole layer; a neuron with
-  fewer than ``max(1, int(γ_sal · k0))`` salient weights is ablated (``k0`` = the sparse
-  fan-in without ablation), but at least ``min_neurons + 1`` neurons stay active
-  (``min_neurons = floor(numel·(1-S)) // dense_fan_in``); the freed budget is redistributed
-  (``k`` grows);
-* the output layer (the last sparse leaf) is never ablated by default.
-
-Departures, documented: when ``k`` shrinks (a neuron revives), over-full neurons are cut by
-|w| with index tie-breaking, not by the reference's unstable boolean sort. Ablated neurons
-have all-zero incoming weights; their bias is not masked (as in the reference), so they
-output ``act(bias)``; the condensed export keeps full output width, so it reproduces that
-exactly. In Flax layout a neuron is a column of ``[in, out]`` / the last axis of a conv
-kernel, and its fan-in counts all other axes.
+Every method is :func:`~sparsejax.dynamic_sparse` with some defaults (as optax's
+``alias.py`` is ``chain`` with some transformations), so every method has the same
+allocation, state and readers.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
 import optax
 
 from sparsejax._src import base
-from sparsejax._src.primitives import selection, structures
-from sparsejax._src.transforms import dynamic_sparse as dst
+from sparsejax._src.primitives import structures
+from sparsejax._src.transforms.dynamic_sparse import SparseTransformation, dynamic_sparse
 
 
-def neurons_to_ablate(
-  weights: jax.Array,
-  grads: jax.Array,
-  n_keep: jax.Array,
-  n_drop: jax.Array,
-  sparsity: float,
-  gamma_sal: float,
-) -> jax.Array:
-  """SRigL's ablation rule for one layer in ``[fan_in, n_out]`` layout.
+def static_sparse(inner: optax.GradientTransformation, **kwargs: Any) -> SparseTransformation:
+  """Static sparse training: a random (structured) mask fixed for the whole run.
 
-  Args:
-    weights: ``[fan_in, n_out]`` current weights (pruned entries 0).
-    grads: ``[fan_in, n_out]`` dense gradient.
-    n_keep: number of weights kept by the magnitude drop.
-    n_drop: number of weights dropped (= grown).
-    sparsity: the layer's sparsity S.
-    gamma_sal: γ_sal in [0, 1], relative to the sparse fan-in ``k0``.
+  The "Static" baseline of Evci et al. 2020 (https://arxiv.org/abs/1911.11134). Accepts the
+  allocation keywords of :func:`dynamic_sparse` (``sparsity``, ``distribution``,
+  ``structure``, ``include``, ``exclude``, ``keep_first_dense``, ``keep_last_dense``,
+  ``first_layer``, ``last_layer``, ``overrides``, ``erk_power_scale``, ``seed``). Schedule
+  and criteria keywords are rejected: a static mask never changes.
 
-  Returns:
-    bool ``[n_out]``: True for neurons to ablate.
+  Raises:
+    TypeError: a keyword that only applies to a changing mask (``update_every``,
+      ``end_step``, ``drop_fraction``, ``drop``, ``grow``, ...).
   """
-  fan_in, n_out = weights.shape
-  budget = base.floor_count(fan_in * n_out, 1.0 - sparsity)
-  min_neurons = min(budget // fan_in, n_out - 1)
-  k0 = budget // n_out
-  threshold = max(1, int(gamma_sal * k0))
-  salient = selection.topk_mask(jnp.abs(weights), n_keep) | selection.topk_mask(
-    jnp.abs(grads), n_drop
-  )
-  counts = jnp.sum(salient, axis=0, dtype=jnp.int32)
-  guard = jnp.sort(counts)[::-1][min_neurons]  # (min_neurons+1)-th largest count
-  threshold = jnp.minimum(jnp.int32(threshold), guard)
-  return counts < threshold
+  dynamic_only = {
+    "update_every",
+    "start_step",
+    "end_step",
+    "drop_fraction",
+    "drop_fraction_decay",
+    "drop",
+    "grow",
+    "grow_init",
+  }
+  given = sorted(dynamic_only & set(kwargs))
+  if given:
+    raise TypeError(
+      f"static_sparse does not take {given}: a static mask never changes. Use "
+      "sparsejax.rigl / set_ / dynamic_sparse for a mask that updates."
+    )
+  return dynamic_sparse(inner, update_every=None, **kwargs)
+
+
+def set_(inner: optax.GradientTransformation, **kwargs: Any) -> SparseTransformation:
+  """SET: magnitude drop, uniform random regrowth (Mocanu et al. 2018).
+
+  Reference: https://arxiv.org/abs/1707.04780. Same keywords as :func:`dynamic_sparse`
+  (defaults: ``drop="magnitude"``, ``grow="random"``). The drop fraction decays with a
+  cosine by default, as in google-research/rigl's SET; pass
+  ``drop_fraction_decay="constant"`` for the paper's constant ζ.
+  """
+  kwargs.setdefault("drop", "magnitude")
+  kwargs.setdefault("grow", "random")
+  return dynamic_sparse(inner, **kwargs)
+
+
+def rigl(inner: optax.GradientTransformation, **kwargs: Any) -> SparseTransformation:
+  """RigL: magnitude drop, dense-gradient-magnitude regrowth (Evci et al. 2020).
+
+  Reference: "Rigging the Lottery: Making All Tickets Winners",
+  https://arxiv.org/abs/1911.11134. Same keywords as :func:`dynamic_sparse` (defaults:
+  ``drop="magnitude"``, ``grow="gradient"``, ΔT=100, α=0.3 cosine-decayed).
+  """
+  kwargs.setdefault("drop", "magnitude")
+  kwargs.setdefault("grow", "gradient")
+  return dynamic_sparse(inner, **kwargs)
 
 
 def srigl(
@@ -78,96 +80,51 @@ def srigl(
   gamma_sal: float = 0.3,
   dynamic_ablation: bool = True,
   no_ablation: str | None = None,
-  structure: str | structures.Structure | None = None,
-  **kwargs,
-) -> optax.GradientTransformationExtraArgs:
+  structure: Any = None,
+  **kwargs: Any,
+) -> SparseTransformation:
   """SRigL: constant fan-in RigL with neuron ablation (Lasby et al., ICLR 2024).
+
+  Reference: "Dynamic Sparse Training with Structured Sparsity",
+  https://arxiv.org/abs/2305.02299. RigL whose structure is
+  ``ConstantFanIn(gamma_sal=…, no_ablation=…)``: drop is layer-wise by magnitude,
+  regrowth per neuron by |dense gradient| back to exactly ``k = floor(numel·(1-S)) //
+  n_active`` incoming weights; neurons with fewer than ``max(1, int(γ_sal·k0))`` salient
+  weights are ablated at each update and the freed budget redistributed (ALGORITHMS.md
+  §4.2–4.3; see :class:`sparsejax.ConstantFanIn`).
 
   Args:
     inner: the optimizer to wrap.
     sparsity: target fraction of zeros, in [0, 1).
-    gamma_sal: γ_sal in [0, 1]: a neuron needs at least ``max(1, int(γ_sal·k0))`` salient
-      weights to stay active (``k0`` = the sparse fan-in without ablation). Default 0.3
-      (the paper's CNN setting; the authors use 0.95 for ViTs).
+    gamma_sal: γ_sal in [0, 1] (default 0.3, the paper's CNN setting; 0.95 for ViTs).
     dynamic_ablation: enable neuron ablation (False gives "SRigL w/o ablation").
-    no_ablation: regex of layers that are never ablated; default ``None`` protects the
-      last sparse leaf (the output layer) only. Pass ``"$^"`` to protect nothing.
+    no_ablation: regex of layers never ablated; default ``None`` protects the model's
+      output layer (pass ``last_layer=`` when the paths cannot tell which it is). Pass
+      ``"$^"`` to protect nothing.
     structure: ``ConstantFanIn()`` (default) or ``NM(n, m)`` (N:M groups are constant
       fan-in per group; ablation does not apply to N:M and is disabled).
-    **kwargs: the keywords of :func:`sparsejax.dynamic_sparse` (``update_every``,
-      ``end_step``, ``drop_fraction``, ``distribution``, ...).
+    **kwargs: the keywords of :func:`sparsejax.dynamic_sparse`.
 
   Returns:
-    An ``optax.GradientTransformationExtraArgs`` with a :class:`DynamicSparseState`.
+    A :class:`SparseTransformation` with a :class:`DynamicSparseState`.
 
   Raises:
     ValueError: ``gamma_sal`` outside [0, 1]; a layer whose constant fan-in would be < 1;
-      an invalid ``no_ablation`` regex; and the errors of :func:`dynamic_sparse`.
+      an invalid ``no_ablation`` regex; an output layer that cannot be identified; and
+      the errors of :func:`dynamic_sparse`.
   """
   gamma_sal = base.check_fraction("gamma_sal", gamma_sal)
-  if not isinstance(dynamic_ablation, bool):
-    raise TypeError(f"`dynamic_ablation` must be a bool, got {dynamic_ablation!r}.")
+  base.check_bool("dynamic_ablation", dynamic_ablation)
   structure = structures.get_structure(structure if structure is not None else "fan_in")
-  if isinstance(structure, structures.Unstructured):
-    raise ValueError(
-      "srigl needs structure=ConstantFanIn() (default) or NM(n, m); for unstructured "
-      "masks use sparsejax.rigl."
+  if isinstance(structure, structures.ConstantFanIn):
+    structure = structures.ConstantFanIn(
+      gamma_sal=gamma_sal if dynamic_ablation else None, no_ablation=no_ablation
     )
-  try:
-    exempt_re = re.compile(no_ablation) if no_ablation is not None else None
-  except (re.error, TypeError) as e:
-    raise ValueError(f"`no_ablation` must be a valid regex, got {no_ablation!r}: {e}") from e
+  elif not isinstance(structure, structures.NM):
+    raise ValueError(
+      f"srigl needs structure=ConstantFanIn() (default) or NM(n, m), got {structure!r}; "
+      "for unstructured masks use sparsejax.rigl."
+    )
   kwargs.setdefault("drop", "magnitude")
   kwargs.setdefault("grow", "gradient")
-  ablate = dynamic_ablation and isinstance(structure, structures.ConstantFanIn)
-
-  def leaf_update(ctx, drop_scores, grow_scores, n_drop, layer_sparsity, structure_, sparse_paths):
-    if not ablate:
-      return structure_.drop_and_grow(ctx.mask, drop_scores, grow_scores, n_drop, layer_sparsity)
-    exempt = (
-      exempt_re.search(ctx.path) is not None
-      if exempt_re is not None
-      else ctx.path == sparse_paths[-1]
-    )
-    shape = ctx.mask.shape
-    fan_in = base.shape_size(shape[:-1])
-    n_out = shape[-1]
-    flat = (fan_in, n_out)
-    nnz = jnp.sum(ctx.mask, dtype=jnp.int32)
-    budget = base.floor_count(fan_in * n_out, 1.0 - layer_sparsity)
-    if exempt:
-      ablated = jnp.zeros((n_out,), bool)
-    else:
-      ablated = neurons_to_ablate(
-        ctx.param.reshape(flat),
-        ctx.grad.reshape(flat),
-        nnz - n_drop,
-        n_drop,
-        layer_sparsity,
-        gamma_sal,
-      )
-    n_active = n_out - jnp.sum(ablated, dtype=jnp.int32)
-    k = jnp.int32(budget) // n_active
-    per_neuron = jnp.where(ablated, 0, k)[None, :]
-    drop_flat = jnp.where(ablated[None, :], -jnp.inf, drop_scores.reshape(flat))
-    new, kept = selection.grouped_drop_and_grow(
-      ctx.mask.reshape(flat), drop_flat, grow_scores.reshape(flat), n_drop, per_neuron, axis=0
-    )
-    return new.reshape(shape), kept.reshape(shape)
-
-  return dst.dynamic_sparse(
-    inner, sparsity=sparsity, structure=structure, leaf_mask_update=leaf_update, **kwargs
-  )
-
-
-def active_neurons(mask: jax.Array) -> jax.Array:
-  """bool ``[n_out]``: neurons (last axis) with at least one active incoming weight."""
-  return jnp.any(mask.reshape(-1, mask.shape[-1]), axis=0)
-
-
-def fan_in_counts(mask: jax.Array) -> jax.Array:
-  """int32 ``[n_out]``: active incoming weights per neuron (Flax layout, neuron axis last)."""
-  return jnp.sum(mask.reshape(-1, mask.shape[-1]), axis=0, dtype=jnp.int32)
-
-
-__all__: Sequence[str] = ("srigl", "neurons_to_ablate", "active_neurons", "fan_in_counts")
+  return dynamic_sparse(inner, sparsity=sparsity, structure=structure, **kwargs)

@@ -35,6 +35,7 @@ kernel), see :func:`~sparsejax._src.nm_format.nm_mask`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -44,7 +45,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from sparsejax._src.formats.nm_format import _as_int, _check_nm, nm_mask
+from sparsejax._src import tree
+from sparsejax._src.allocation import plan as plan_lib
+from sparsejax._src.primitives import structures
+from sparsejax._src.primitives.nm_mask import _as_int, _check_nm, nm_mask
+from sparsejax._src.transforms.dynamic_sparse import SparseTransformation
+from sparsejax._src.transforms.state import DynamicSparseState
 
 __all__ = [
   "NMSRSTEState",
@@ -62,15 +68,8 @@ __all__ = [
 Filter = Callable[[tuple[str, ...], Any], bool]
 
 
-def _key_name(k: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-  return tuple(_key_name(k) for k in path)
+  return tuple(tree.path_to_str(path).split("/"))
 
 
 def default_nm_filter(m: int) -> Filter:
@@ -298,84 +297,152 @@ def sdgf_schedule(n: int, m: int, start_step: int, end_step: int) -> Callable[[A
 
 
 class NMSRSTEState(NamedTuple):
-  """State of :func:`nm_sr_ste`.
+  """State of :func:`nm_sr_ste`: the shared :class:`DynamicSparseState` plus schedules.
 
   Attributes:
-    count: int32 ``[]``, number of updates applied so far (the step t).
-    beta: float32 ``[]``, MDGF factor ``β(count)`` for the next forward
-      (0 without ``decay``).
-    n_active: int32 ``[]``, N for the next forward and the SR mask
-      (``n`` without ``structure_decay``).
-    inner_state: the inner optimizer's state.
+    sparse: the :class:`DynamicSparseState` every sparsejax method keeps: its ``masks``
+      are the N:M masks of the current weights (what the next forward uses), so
+      ``get_masks``, ``summarize`` and the metrics read SR-STE like any other method.
+    beta: float32 ``[]``, MDGF factor ``β(count)`` for the next forward (0 without
+      ``decay``).
+    n_active: int32 ``[]``, N for the next forward and the SR mask (``n`` without
+      ``structure_decay``).
   """
 
-  count: jax.Array
+  sparse: DynamicSparseState
   beta: jax.Array
   n_active: jax.Array
-  inner_state: optax.OptState
+
+  @property
+  def count(self) -> jax.Array:
+    """int32 ``[]``, number of updates applied so far (the step t)."""
+    return self.sparse.count
+
+  @property
+  def inner_state(self) -> optax.OptState:
+    """The inner optimizer's state."""
+    return self.sparse.inner_state
+
+  @property
+  def masks(self) -> Any:
+    """The N:M masks of the current weights (``optax.MaskedNode()`` for dense leaves)."""
+    return self.sparse.masks
+
+
+def _resolve_nm(n: Any, m: Any, structure: Any) -> tuple[int, int]:
+  if structure is not None:
+    s = structures.get_structure(structure)
+    if not isinstance(s, structures.NM):
+      raise ValueError(f"nm_sr_ste needs an N:M structure (e.g. 'nm:2:4'), got {structure!r}.")
+    if (n is not None and n != s.n) or (m is not None and m != s.m):
+      raise ValueError(f"nm_sr_ste: n={n}, m={m} conflict with structure={structure!r}.")
+    return _check_nm(s.n, s.m)
+  if n is None or m is None:
+    raise TypeError("nm_sr_ste needs `n` and `m` (or structure='nm:N:M').")
+  return _check_nm(n, m)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _WithAllocation:
+  """An ``init`` function that also carries its allocation (read by ``tx.plan``)."""
+
+  fn: Callable[[Any], Any]
+  allocation: plan_lib.Allocation
+
+  def __call__(self, params: Any) -> Any:
+    return self.fn(params)
 
 
 def nm_sr_ste(
   inner: optax.GradientTransformation,
-  n: int,
-  m: int,
+  n: int | None = None,
+  m: int | None = None,
   lambda_w: float = 2e-4,
   *,
   decay: Callable[[Any], jax.Array] | None = None,
   structure_decay: Callable[[Any], jax.Array] | None = None,
   filter: Filter | None = None,
-) -> optax.GradientTransformationExtraArgs:
+  structure: Any = None,
+  **allocation: Any,
+) -> SparseTransformation:
   """SR-STE (Zhou et al., ICLR 2021) as an Optax wrapper, with MDGF/SDGF options.
 
-  For every selected leaf the gradient becomes ``g + lambda_w (1 - M) ⊙ W``,
-  M being the N:M magnitude mask of the current ``params`` (n = the state's
-  ``n_active``), before ``inner`` runs. Use it with :func:`nm_ste` in the
-  forward. ``lambda_w = 0`` gives plain STE; the progressive-gradient-flow
-  recipes (Bambhaniya et al., 2024, https://arxiv.org/abs/2402.04744) use
-  plain STE, so pass ``lambda_w=0.0`` with ``decay``/``structure_decay`` to
-  reproduce them.
+  For every N:M leaf the gradient becomes ``g + lambda_w (1 - M) ⊙ W``, M being the N:M
+  magnitude mask of the current ``params`` (n = the state's ``n_active``), before
+  ``inner`` runs. Use it with :func:`nm_ste` in the forward (or
+  :func:`sparsejax.forward_params`). ``lambda_w = 0`` gives plain STE; the
+  progressive-gradient-flow recipes (Bambhaniya et al., 2024,
+  https://arxiv.org/abs/2402.04744) use plain STE, so pass ``lambda_w=0.0`` with
+  ``decay``/``structure_decay`` to reproduce them.
 
-  The state (:class:`NMSRSTEState`) carries the step count and the schedule
-  values for the *next* forward: ``beta = decay(count)`` and
-  ``n_active = structure_decay(count)``; read them in the train step,
-  ``nm_ste(params, state.n_active, m, beta=state.beta)``.
+  Which leaves are N:M is decided by the same allocation planner as every other method,
+  with structure ``NM(n, m)``: by default every floating kernel (``ndim > 1``); a kernel
+  whose contraction size is not divisible by ``m`` is an error (keep it dense with
+  ``exclude=``, ``keep_first_dense=True`` or ``include=``). The state
+  (:class:`NMSRSTEState`) holds a :class:`DynamicSparseState` whose masks are the N:M
+  masks of the weights after each update, plus the schedule values for the *next*
+  forward: ``beta = decay(count)`` and ``n_active = structure_decay(count)``.
 
   Args:
     inner: the optimizer to wrap.
-    n: target kept entries per group.
+    n: target kept entries per group (or give ``structure``).
     m: group size (along the contraction axis).
     lambda_w: SR-STE refinement strength λ_W (2e-4 in the paper's code).
     decay: MDGF schedule ``step -> β`` (:func:`mdgf_schedule`), or None (β = 0).
-    structure_decay: SDGF schedule ``step -> n`` (:func:`sdgf_schedule`), or
-      None (always n).
-    filter: ``filter(path, leaf) -> bool`` choosing the N:M leaves; default
-      :func:`default_nm_filter`. Use the same filter in :func:`nm_ste`.
+    structure_decay: SDGF schedule ``step -> n`` (:func:`sdgf_schedule`), or None.
+    filter: deprecated spelling of ``include``: ``filter(path_names, leaf) -> bool`` on
+      the tuple of path names.
+    structure: ``"nm:N:M"`` or ``NM(n, m)``, instead of ``n`` and ``m``.
+    **allocation: the allocation keywords of :func:`sparsejax.dynamic_sparse`
+      (``include``, ``exclude``, ``keep_first_dense``, ``keep_last_dense``,
+      ``first_layer``, ``last_layer``, ``sparsity`` (must be ``1 - n/m`` or None)).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` requires ``params``.
 
   Raises:
-    ValueError: for an invalid N:M pair or a negative ``lambda_w``; at
-      update time if ``params`` is missing.
+    ValueError: for an invalid N:M pair, a negative ``lambda_w``, a kernel that cannot be
+      grouped, or an invalid allocation keyword; at update time if ``params`` is missing.
   """
-  n, m = _check_nm(n, m)
+  n, m = _resolve_nm(n, m, structure)
   if not lambda_w >= 0:
     raise ValueError(f"lambda_w must be >= 0; got lambda_w={lambda_w}.")
+  if filter is not None:
+    if allocation.get("include") is not None:
+      raise ValueError("nm_sr_ste: pass `include=` or the deprecated `filter=`, not both.")
+    allocation["include"] = lambda path, leaf: bool(filter(tuple(path.split("/")), leaf))
+  alloc = plan_lib.Allocation(structure=structures.NM(n, m), **allocation)
   inner = optax.with_extra_args_support(inner)
 
   def schedules(count: jax.Array) -> tuple[jax.Array, jax.Array]:
     beta = jnp.zeros((), jnp.float32) if decay is None else jnp.asarray(decay(count))
-    n_t = (
-      jnp.asarray(n, jnp.int32)
-      if structure_decay is None
-      else jnp.asarray(structure_decay(count), jnp.int32)
-    )
-    return beta.astype(jnp.float32), n_t
+    n_t = n if structure_decay is None else jnp.asarray(structure_decay(count), jnp.int32)
+    return beta.astype(jnp.float32), jnp.asarray(n_t, jnp.int32)
+
+  def nm_masks(params: Any, n_t: Any) -> Any:
+    plan = alloc.plan(params)
+    _, leaves, treedef = plan_lib.flatten_params(params)
+    masks = [
+      optax.MaskedNode() if leaf_plan.sparsity is None else nm_mask(leaf, n_t, m)
+      for leaf, leaf_plan in zip(leaves, plan.leaves, strict=True)
+    ]
+    return jax.tree.unflatten(treedef, masks)
 
   def init_fn(params: Any) -> NMSRSTEState:
     count = jnp.zeros((), jnp.int32)
     beta, n_t = schedules(count)
-    return NMSRSTEState(count, beta, n_t, inner.init(params))
+    if tree.is_leafless_node(params):  # optax.tree_utils.tree_map_params' placeholder
+      masks = params
+    else:
+      masks = nm_masks(params, n if structure_decay is None else n_t)
+    sparse = DynamicSparseState(
+      count=count,
+      key=jax.random.PRNGKey(0),
+      masks=masks,
+      inner_state=inner.init(params),
+      skipped_updates=jnp.zeros([], jnp.int32),
+    )
+    return NMSRSTEState(sparse, beta, n_t)
 
   def update_fn(updates, state: NMSRSTEState, params=None, **extra_args):
     if params is None:
@@ -384,19 +451,21 @@ def nm_sr_ste(
         "call tx.update(grads, state, params)."
       )
     n_mask = n if structure_decay is None else state.n_active
-
-    def refine(path, g, w):
-      if g is None or not _selected(filter, m, path, w):
-        return g
-      mask = nm_mask(w, n_mask, m)
-      term = jnp.where(mask, jnp.zeros((), w.dtype), w) * jnp.asarray(lambda_w, w.dtype)
-      return g + term.astype(g.dtype)
-
     if lambda_w:
-      updates = jax.tree_util.tree_map_with_path(refine, updates, params)
+      sparse = [leaf.sparsity is not None for leaf in alloc.plan(params).leaves]
+      _, grads, treedef = tree.flatten_with_paths(updates)
+      refined = []
+      for g, w, is_sparse in zip(grads, treedef.flatten_up_to(params), sparse, strict=True):
+        if is_sparse:
+          term = jnp.where(nm_mask(w, n_mask, m), jnp.zeros((), w.dtype), w)
+          g = g + (term * jnp.asarray(lambda_w, w.dtype)).astype(g.dtype)
+        refined.append(g)
+      updates = jax.tree.unflatten(treedef, refined)
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     count = optax.safe_increment(state.count)
     beta, n_t = schedules(count)
-    return updates, NMSRSTEState(count, beta, n_t, inner_state)
+    masks = nm_masks(optax.apply_updates(params, updates), n if structure_decay is None else n_t)
+    sparse_state = state.sparse._replace(count=count, masks=masks, inner_state=inner_state)
+    return updates, NMSRSTEState(sparse_state, beta, n_t)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return SparseTransformation(_WithAllocation(init_fn, alloc), update_fn)

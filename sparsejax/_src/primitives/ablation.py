@@ -1,0 +1,68 @@
+"""SRigL's neuron ablation rule and per-neuron mask statistics (pure, per array).
+
+Reference: Lasby, Golubeva, Evci, Nica, Ioannou, "Dynamic Sparse Training with Structured
+Sparsity", ICLR 2024, https://arxiv.org/abs/2305.02299; semantics of the official code
+(calgaryml/condensed-sparsity ``RigLConstFanScheduler``, ALGORITHMS.md §4.2–4.3).
+
+Layout: a kernel is viewed as ``[fan_in, n_out]`` (Flax layout, neurons on the last axis;
+a conv kernel's fan-in counts all other axes).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sparsejax._src import base
+from sparsejax._src.primitives import selection
+
+
+def neurons_to_ablate(
+  weights: jax.Array,
+  grads: jax.Array,
+  n_keep: jax.Array,
+  n_drop: jax.Array,
+  sparsity: float,
+  gamma_sal: float,
+) -> jax.Array:
+  """SRigL's ablation rule for one layer in ``[fan_in, n_out]`` layout.
+
+  Salient weights are the top ``n_keep`` ``|w|`` ∪ the top ``n_drop`` ``|grad|`` over the
+  whole layer. A neuron with fewer than ``max(1, int(gamma_sal · k0))`` salient weights is
+  ablated (``k0 = floor(numel·(1-S)) // n_out``, the sparse fan-in without ablation), but
+  at least ``min_neurons + 1`` neurons stay active (``min_neurons = floor(numel·(1-S)) //
+  fan_in``).
+
+  Args:
+    weights: ``[fan_in, n_out]`` current weights (pruned entries 0).
+    grads: ``[fan_in, n_out]`` dense gradient.
+    n_keep: number of weights kept by the magnitude drop.
+    n_drop: number of weights dropped (= grown).
+    sparsity: the layer's sparsity S.
+    gamma_sal: γ_sal in [0, 1], relative to the sparse fan-in ``k0``.
+
+  Returns:
+    bool ``[n_out]``: True for neurons to ablate.
+  """
+  fan_in, n_out = weights.shape
+  budget = base.floor_count(fan_in * n_out, 1.0 - sparsity)
+  min_neurons = min(budget // fan_in, n_out - 1)
+  k0 = budget // n_out
+  threshold = max(1, int(gamma_sal * k0))
+  salient = selection.topk_mask(jnp.abs(weights), n_keep) | selection.topk_mask(
+    jnp.abs(grads), n_drop
+  )
+  counts = jnp.sum(salient, axis=0, dtype=jnp.int32)
+  guard = jnp.sort(counts)[::-1][min_neurons]  # (min_neurons+1)-th largest count
+  threshold = jnp.minimum(jnp.int32(threshold), guard)
+  return counts < threshold
+
+
+def active_neurons(mask: jax.Array) -> jax.Array:
+  """bool ``[n_out]``: neurons (last axis) with at least one active incoming weight."""
+  return jnp.any(mask.reshape(-1, mask.shape[-1]), axis=0)
+
+
+def fan_in_counts(mask: jax.Array) -> jax.Array:
+  """int32 ``[n_out]``: active incoming weights per neuron (Flax layout, neuron axis last)."""
+  return jnp.sum(mask.reshape(-1, mask.shape[-1]), axis=0, dtype=jnp.int32)
