@@ -1,4 +1,4 @@
-"""Tests for the compressed N:M format (sparsejax/_src/nm_format.py)."""
+"""Tests for the N:M mask and compressed format (primitives/nm_mask.py, formats/nm_*.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,17 +7,14 @@ import pytest
 
 from sparsejax._src.formats.nm_format import (
   NMSparse,
-  index_bits,
-  is_nm_sparse,
   make_nm_sparse,
   nm_compress,
   nm_decompress,
-  nm_mask,
   nm_nbytes,
   nm_take,
-  pack_indices,
-  unpack_indices,
 )
+from sparsejax._src.formats.nm_packing import index_bits, pack_indices, unpack_indices
+from sparsejax._src.primitives.nm_mask import is_nm_sparse, nm_mask
 
 NM_PAIRS = [(1, 4), (2, 4), (2, 8), (1, 8), (4, 8)]
 # One shape for most tests, so the library's jitted helpers compile once per N:M.
@@ -310,6 +307,36 @@ def test_make_nm_sparse_skips_value_checks_under_jit():
   bad = jnp.full((4, 3), 7, jnp.int8)
   out = jax.jit(lambda v, i: make_nm_sparse(v, i, 2, 4, (8, 3)).values)(v, bad)
   assert out.shape == (4, 3)
+
+
+def test_decompress_rejects_concrete_invalid_indices():
+  # Issue 18: a raw NMSparse (the constructor does not validate) with an index
+  # outside [0, m) used to decompress silently to zeros at that entry.
+  v, i = _valid_arrays()
+  out_of_range = NMSparse(values=v, indices=i.at[1, 0].set(4), n=2, m=4, shape=(8, 3))
+  with pytest.raises(
+    ValueError, match=r"nm_decompress: nms.indices must lie in \[0, m\) = \[0, 4\).*\[0, 4\]"
+  ):
+    nm_decompress(out_of_range)
+  with pytest.raises(ValueError, match=r"nms.indices must lie in \[0, m\)"):
+    out_of_range.todense()
+  negative = NMSparse(values=v, indices=i.at[0, 2].set(-1), n=2, m=4, shape=(8, 3))
+  with pytest.raises(ValueError, match=r"nms.indices must lie in \[0, m\).*got values in \[-1,"):
+    nm_decompress(negative)
+  repeated = NMSparse(values=v, indices=i.at[1, 0].set(i[0, 0]), n=2, m=4, shape=(8, 3))
+  with pytest.raises(ValueError, match=r"nms.indices must be strictly increasing.*group 0"):
+    nm_decompress(repeated)
+
+
+def test_decompress_cannot_check_traced_indices():
+  # Under jit the indices are abstract: no check runs, and an out-of-range index
+  # matches no slot, so its value is dropped (documented in nm_decompress).
+  v, i = _valid_arrays()
+  bad = i.at[1, 0].set(4)
+  dense = jax.jit(lambda v, i: nm_decompress(NMSparse(v, i, 2, 4, (8, 3))))(v, bad)
+  good = np.array(nm_decompress(NMSparse(v, i, 2, 4, (8, 3))))
+  good[int(i[1, 0]), 0] = 0.0
+  np.testing.assert_array_equal(np.asarray(dense), good)
 
 
 def test_compress_and_mask_errors():

@@ -17,21 +17,37 @@ for ``M <= 4`` and 4 bits for ``M <= 16`` (:func:`pack_indices`), so that
 bfloat16 is 56.25% of the dense bfloat16 bytes (the same 9/16 as PyTorch's
 semi-structured format).
 
+The mask itself (:func:`nm_mask`, :func:`is_nm_sparse`) lives in layer 1
+(:mod:`sparsejax._src.primitives.nm_mask`) and the bit packing in
+:mod:`sparsejax._src.formats.nm_packing`; both are re-exported here. This module
+imports no Flax.
+
 Reference for the format and its memory formulas: ``docs/KERNELS.md`` §5–§6.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-import operator
 from collections.abc import Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+# ``x as x`` marks a re-export: older imports of these names from here keep working.
+from sparsejax._src.formats.nm_packing import index_bits as index_bits
+from sparsejax._src.formats.nm_packing import pack_indices as pack_indices
+from sparsejax._src.formats.nm_packing import packed_index_nbytes
+from sparsejax._src.formats.nm_packing import unpack_indices as unpack_indices
+from sparsejax._src.primitives.nm_mask import _as_int as _as_int
+from sparsejax._src.primitives.nm_mask import _check_nm as _check_nm
+from sparsejax._src.primitives.nm_mask import _check_weight, _group_view, _topn_positions
+from sparsejax._src.primitives.nm_mask import _is_tracer as _is_tracer
+from sparsejax._src.primitives.nm_mask import is_nm_sparse as is_nm_sparse
+from sparsejax._src.primitives.nm_mask import nm_mask as nm_mask
 
 __all__ = [
   "NMSparse",
@@ -50,63 +66,7 @@ __all__ = [
 #: The only layout implemented so far: values/indices ``[K*N/M, Nout]``.
 LAYOUT_KN = "kn"
 _LAYOUTS = (LAYOUT_KN,)
-#: Indices are int8, so a group can have at most 128 positions.
-_MAX_M = 128
 _INDEX_DTYPE = jnp.int8
-
-
-# ---------------------------------------------------------------------------
-# Small validation helpers
-# ---------------------------------------------------------------------------
-
-
-def _is_tracer(x: Any) -> bool:
-  return isinstance(x, jax.core.Tracer)
-
-
-def _as_int(value: Any, name: str) -> int:
-  """Returns ``value`` as a Python int or raises a TypeError naming it."""
-  if isinstance(value, bool):
-    raise TypeError(f"{name} must be an int; got bool {value!r}.")
-  try:
-    return operator.index(value)
-  except TypeError:
-    raise TypeError(
-      f"{name} must be an int; got {value!r} of type {type(value).__name__}."
-    ) from None
-
-
-def _check_nm(n: Any, m: Any) -> tuple[int, int]:
-  """Validates an N:M pair and returns it as Python ints."""
-  m = _as_int(m, "m")
-  n = _as_int(n, "n")
-  if m < 1:
-    raise ValueError(f"m must be >= 1 (group size); got m={m}.")
-  if m > _MAX_M:
-    raise ValueError(f"m must be <= {_MAX_M} because indices are stored as int8; got m={m}.")
-  if n < 1:
-    raise ValueError(f"n must be >= 1 (entries kept per group); got n={n}.")
-  if n > m:
-    raise ValueError(f"n must be <= m (keep n of every m entries); got n={n}, m={m}.")
-  return n, m
-
-
-def _contraction_size(shape: Sequence[int]) -> int:
-  return math.prod(shape[:-1])
-
-
-def _check_weight(w: Any, m: int, name: str, fn: str) -> None:
-  if w.ndim < 2:
-    raise ValueError(
-      f"{fn}: {name} must have ndim >= 2 (a [K, Nout] kernel or a conv kernel "
-      f"[..., in, out]); got {name}.shape={tuple(w.shape)}."
-    )
-  k = _contraction_size(w.shape)
-  if k % m:
-    raise ValueError(
-      f"{fn}: the contraction size of {name} (product of all but the last axis) "
-      f"must be divisible by m; got {name}.shape={tuple(w.shape)} (K={k}) and m={m}."
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -114,7 +74,7 @@ def _check_weight(w: Any, m: int, name: str, fn: str) -> None:
 # ---------------------------------------------------------------------------
 
 
-@flax.struct.dataclass
+@dataclasses.dataclass(frozen=True)
 class NMSparse:
   """A compressed N:M sparse ``[K, Nout]`` kernel (a JAX pytree).
 
@@ -140,10 +100,14 @@ class NMSparse:
 
   values: jax.Array
   indices: jax.Array
-  n: int = flax.struct.field(pytree_node=False)
-  m: int = flax.struct.field(pytree_node=False)
-  shape: tuple[int, int] = flax.struct.field(pytree_node=False)
-  layout: str = flax.struct.field(pytree_node=False, default=LAYOUT_KN)
+  n: int
+  m: int
+  shape: tuple[int, int]
+  layout: str = LAYOUT_KN
+
+  def replace(self, **updates: Any) -> NMSparse:
+    """A copy with fields replaced, e.g. ``values=v`` (not validated, like the constructor)."""
+    return dataclasses.replace(self, **updates)
 
   @property
   def dtype(self) -> jnp.dtype:
@@ -173,6 +137,13 @@ class NMSparse:
   def todense(self) -> jax.Array:
     """Returns the dense ``[K, Nout]`` kernel (:func:`nm_decompress`)."""
     return nm_decompress(self)
+
+
+jax.tree_util.register_dataclass(
+  NMSparse,
+  data_fields=["values", "indices"],
+  meta_fields=["n", "m", "shape", "layout"],
+)
 
 
 def make_nm_sparse(
@@ -250,141 +221,61 @@ def make_nm_sparse(
       f"got indices.shape={tuple(indices.shape)}."
     )
   if not _is_tracer(indices) and indices.size:
-    _check_index_values(np.asarray(indices), n, m)
+    _check_index_values(np.asarray(indices), n, m, "indices")
   return NMSparse(
     values=values, indices=indices.astype(_INDEX_DTYPE), n=n, m=m, shape=shape, layout=layout
   )
 
 
-def _check_index_values(idx: np.ndarray, n: int, m: int) -> None:
+def _check_index_values(idx: np.ndarray, n: int, m: int, name: str) -> None:
+  """Checks concrete ``[K*n/m, Nout]`` indices: in ``[0, m)``, strictly increasing per group.
+
+  Args:
+    idx: the indices, on the host.
+    n: kept entries per group.
+    m: group size.
+    name: the argument named in error messages (e.g. ``"nms.indices"``).
+
+  Raises:
+    ValueError: naming ``name``, the allowed range and the first offending group.
+  """
   lo, hi = int(idx.min()), int(idx.max())
   if lo < 0 or hi >= m:
-    raise ValueError(f"indices must lie in [0, m) = [0, {m}); got values in [{lo}, {hi}].")
+    raise ValueError(f"{name} must lie in [0, m) = [0, {m}); got values in [{lo}, {hi}].")
   if n > 1:
     g = idx.astype(np.int32).reshape(-1, n, idx.shape[-1])
     bad = np.argwhere(np.diff(g, axis=1) <= 0)
     if bad.size:
       grp, j, col = (int(v) for v in bad[0])
       raise ValueError(
-        "indices must be strictly increasing within each group of n rows; "
+        f"{name} must be strictly increasing within each group of n rows; "
         f"group {grp}, column {col} holds {g[grp, :, col].tolist()} (n={n}, m={m})."
       )
 
 
-# ---------------------------------------------------------------------------
-# Masks
-# ---------------------------------------------------------------------------
+def check_concrete_indices(nms: NMSparse, fn: str) -> None:
+  """Validates the index values of a concrete :class:`NMSparse` (no-op under ``jit``).
 
-
-def _group_view(w: jax.Array, m: int) -> jax.Array:
-  """``[..., Nout]`` -> ``[G, M, Nout]`` with G = prod(shape[:-1]) / M."""
-  nout = w.shape[-1]
-  return w.reshape(_contraction_size(w.shape) // m, m, nout)
-
-
-def _topn_positions(a3: jax.Array, n: int) -> jax.Array:
-  """Positions of the n largest entries per group, ascending.
+  The raw constructor does not validate, and out-of-range indices would silently
+  decompress to zeros (compare + select matches no slot). This runs the value checks
+  of :func:`make_nm_sparse` on ``nms.indices`` when they are a concrete array: each
+  index in ``[0, m)`` and strictly increasing within its group. Traced indices (inside
+  ``jit``, ``grad``, ``vmap``) cannot be checked and are passed through.
 
   Args:
-    a3: ``[G, M, C]`` magnitudes.
-    n: static number of entries to keep.
-
-  Returns:
-    ``[G, n, C]`` int32 positions in ``[0, M)``, ascending; ties in magnitude
-    go to the lowest position (``lax.top_k`` semantics).
-  """
-  _, pos = jax.lax.top_k(jnp.swapaxes(a3, 1, 2), n)  # [G, C, n]
-  return jnp.swapaxes(jnp.sort(pos, axis=-1), 1, 2).astype(jnp.int32)
-
-
-def _group_ranks(a3: jax.Array) -> jax.Array:
-  """Rank of every entry inside its group (0 = largest; ties by lowest index).
-
-  Args:
-    a3: ``[G, M, C]`` magnitudes.
-
-  Returns:
-    ``[G, M, C]`` int32 ranks.
-  """
-  order = jnp.argsort(-a3, axis=1, stable=True)
-  return jnp.argsort(order, axis=1, stable=True).astype(jnp.int32)
-
-
-def nm_mask(w: jax.Array, n: int | jax.Array, m: int) -> jax.Array:
-  """N:M magnitude mask: keep the n largest ``|w|`` in each group of m rows.
-
-  Groups are m consecutive entries along the contraction axis, which is axis
-  0 of a Flax ``Dense`` kernel ``[K, Nout]``. Conv kernels ``[kh, kw, in, out]``
-  are flattened to ``[kh*kw*in, out]``, so groups are m consecutive input
-  channels at one kernel tap when ``in % m == 0`` (the NVIDIA 2:4 convention).
-  Ties in magnitude go to the lowest index.
-
-  Args:
-    w: ``[..., Nout]`` array with ndim >= 2 and ``prod(w.shape[:-1]) % m == 0``.
-    n: entries kept per group. A Python int (uses ``lax.top_k``) or a traced
-      int32 scalar (uses ranks; lets a schedule change n inside ``jit``).
-    m: group size (static).
-
-  Returns:
-    A bool array of ``w.shape`` with exactly n True entries per group.
+    nms: the compressed kernel.
+    fn: the public function named in the error message.
 
   Raises:
-    TypeError, ValueError: for an invalid N:M pair or shape.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> nm_mask(jnp.array([[0.1], [-3.0], [2.0], [0.5]]), 2, 4)[:, 0]
-    Array([False,  True,  True, False], dtype=bool)
+    ValueError: if concrete indices are out of range or not strictly increasing.
   """
-  dynamic_n = isinstance(n, jax.Array | np.ndarray) or _is_tracer(n)
-  if dynamic_n:
-    m = _as_int(m, "m")
-    _check_nm(1, m)
-  else:
-    n, m = _check_nm(n, m)
-  _check_weight(w, m, "w", "nm_mask")
-  if dynamic_n:
-    return _mask_dynamic(w, jnp.asarray(n, jnp.int32), m)
-  return _mask_static(w, n, m)
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _mask_dynamic(w: jax.Array, n: jax.Array, m: int) -> jax.Array:
-  keep = _group_ranks(jnp.abs(_group_view(w, m))) < n
-  return keep.reshape(w.shape)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _mask_static(w: jax.Array, n: int, m: int) -> jax.Array:
-  a3 = jnp.abs(_group_view(w, m))
-  if n == m:
-    return jnp.ones(w.shape, bool)
-  pos = _topn_positions(a3, n)  # [G, n, C]
-  slots = jnp.arange(m, dtype=jnp.int32)[None, None, :, None]
-  keep = jnp.any(pos[:, :, None, :] == slots, axis=1)
-  return keep.reshape(w.shape)
-
-
-def is_nm_sparse(w: jax.Array, n: int, m: int) -> jax.Array:
-  """Whether every group of m rows of ``w`` has at most n non-zeros.
-
-  Args:
-    w: ``[..., Nout]`` array, groups along the flattened contraction axis.
-    n: maximum non-zeros per group.
-    m: group size.
-
-  Returns:
-    A scalar bool array.
-  """
-  n, m = _check_nm(n, m)
-  _check_weight(w, m, "w", "is_nm_sparse")
-  return _is_nm_sparse(w, n, m)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _is_nm_sparse(w: jax.Array, n: int, m: int) -> jax.Array:
-  counts = jnp.sum(_group_view(w, m) != 0, axis=1)
-  return jnp.all(counts <= n)
+  idx = nms.indices
+  if _is_tracer(idx) or not hasattr(idx, "size") or not idx.size:
+    return
+  try:
+    _check_index_values(np.asarray(idx), nms.n, nms.m, "nms.indices")
+  except ValueError as e:
+    raise ValueError(f"{fn}: {e}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -456,6 +347,7 @@ def nm_compress(w: jax.Array, n: int, m: int, *, mask: jax.Array | None = None) 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _compress_magnitude(w: jax.Array, n: int, m: int) -> tuple[jax.Array, jax.Array]:
+  """Jitted :func:`nm_compress` without a mask: keep the n largest per group."""
   k, nout = w.shape
   w3 = _group_view(w, m)  # [G, M, C]
   pos = _topn_positions(jnp.abs(w3), n)  # [G, n, C]
@@ -466,6 +358,7 @@ def _compress_magnitude(w: jax.Array, n: int, m: int) -> tuple[jax.Array, jax.Ar
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _compress_masked(w: jax.Array, mask: jax.Array, n: int, m: int) -> tuple[jax.Array, jax.Array]:
+  """Jitted :func:`nm_compress` with a mask: keep the masked entries."""
   k, nout = w.shape
   w3 = _group_view(w, m)
   mask3 = _group_view(mask, m).astype(bool)
@@ -486,13 +379,26 @@ def nm_decompress(nms: NMSparse) -> jax.Array:
   """Expands an :class:`NMSparse` to its dense ``[K, Nout]`` kernel.
 
   Uses compare + select only (no scatter), exactly like the Pallas kernels.
+  Concrete indices are checked first (:func:`check_concrete_indices`); under ``jit``
+  they are not, and an index outside ``[0, m)`` matches no slot, so its value is
+  dropped (decompresses to zero).
 
   Args:
     nms: the compressed kernel.
 
   Returns:
     ``[K, Nout]`` array in ``nms.values.dtype`` with zeros at pruned entries.
+
+  Raises:
+    ValueError: if concrete ``nms.indices`` lie outside ``[0, m)`` or are not
+      strictly increasing within a group.
   """
+  check_concrete_indices(nms, "nm_decompress")
+  return decompress_unchecked(nms)
+
+
+def decompress_unchecked(nms: NMSparse) -> jax.Array:
+  """:func:`nm_decompress` without the index check (for callers that already ran it)."""
   return _decompress(nms.values, nms.indices, nms.n, nms.m, tuple(nms.shape))
 
 
@@ -500,6 +406,7 @@ def nm_decompress(nms: NMSparse) -> jax.Array:
 def _decompress(
   values: jax.Array, indices: jax.Array, n: int, m: int, shape: tuple[int, int]
 ) -> jax.Array:
+  """Jitted :func:`nm_decompress` on the raw arrays (compare + select)."""
   k, nout = shape
   g = k // m
   v3 = values.reshape(g, n, nout)
@@ -537,6 +444,7 @@ def nm_take(dense: jax.Array, like: NMSparse) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _take(dense: jax.Array, indices: jax.Array, n: int, m: int) -> jax.Array:
+  """Jitted :func:`nm_take`: gather the kept positions of every group."""
   k, nout = dense.shape
   g = k // m
   pos = indices.reshape(g, n, nout).astype(jnp.int32)
@@ -545,147 +453,8 @@ def _take(dense: jax.Array, indices: jax.Array, n: int, m: int) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------
-# Packed metadata
+# Sizes
 # ---------------------------------------------------------------------------
-
-
-def index_bits(m: int) -> int:
-  """Bits per packed index: 2 for ``m <= 4``, 4 for ``m <= 16``.
-
-  Args:
-    m: group size.
-
-  Returns:
-    2 or 4.
-
-  Raises:
-    ValueError: if ``m > 16`` (packing is not supported) or ``m < 1``.
-  """
-  m = _as_int(m, "m")
-  if m < 1:
-    raise ValueError(f"m must be >= 1; got m={m}.")
-  if m <= 4:
-    return 2
-  if m <= 16:
-    return 4
-  raise ValueError(
-    f"packed indices support m <= 16 (2 bits for m <= 4, 4 bits for m <= 16); got m={m}."
-  )
-
-
-_WORD_DTYPES = {
-  jnp.dtype(jnp.uint8): jnp.uint8,
-  jnp.dtype(jnp.int8): jnp.uint8,
-  jnp.dtype(jnp.uint16): jnp.uint16,
-  jnp.dtype(jnp.int16): jnp.uint16,
-  jnp.dtype(jnp.uint32): jnp.uint32,
-  jnp.dtype(jnp.int32): jnp.uint32,
-}
-
-
-def _unsigned_word(word_dtype: Any, name: str) -> tuple[jnp.dtype, Any]:
-  dt = jnp.dtype(word_dtype)
-  if dt not in _WORD_DTYPES:
-    raise TypeError(f"{name} must be an 8/16/32-bit integer dtype (e.g. uint8 or int32); got {dt}.")
-  return dt, _WORD_DTYPES[dt]
-
-
-def pack_indices(indices: jax.Array, m: int, *, word_dtype: Any = jnp.uint8) -> jax.Array:
-  """Packs small in-group indices into integer words along axis 0.
-
-  Word ``w`` holds rows ``w*P .. w*P + P - 1`` of the same column, row
-  ``w*P + s`` in bits ``[s*b, (s+1)*b)``, with ``b = index_bits(m)`` and
-  ``P = word_bits / b``. Rows are zero-padded up to a multiple of P.
-
-  Args:
-    indices: ``[R, ...]`` integer array with values in ``[0, m)``.
-    m: group size, ``m <= 16``.
-    word_dtype: an 8/16/32-bit integer dtype; uint8 (default) or int32 are the
-      usual choices (signed words are bit-cast, so the sign bit is used).
-
-  Returns:
-    ``[ceil(R/P), ...]`` array of ``word_dtype``.
-
-  Raises:
-    ValueError: if ``m > 16`` or (for concrete input) an index is out of range.
-    TypeError: for a non-integer ``indices`` or an unsupported ``word_dtype``.
-  """
-  bits = index_bits(m)
-  if not jnp.issubdtype(indices.dtype, jnp.integer):
-    raise TypeError(f"indices must have an integer dtype; got indices.dtype={indices.dtype}.")
-  if indices.ndim < 1:
-    raise ValueError(f"indices must have ndim >= 1; got shape {tuple(indices.shape)}.")
-  if not _is_tracer(indices) and indices.size:
-    host = np.asarray(indices)
-    lo, hi = int(host.min()), int(host.max())
-    if lo < 0 or hi >= m:
-      raise ValueError(f"indices must lie in [0, m) = [0, {m}); got values in [{lo}, {hi}].")
-  out_dt, _ = _unsigned_word(word_dtype, "word_dtype")
-  return _pack(indices, bits, out_dt)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _pack(indices: jax.Array, bits: int, out_dt: jnp.dtype) -> jax.Array:
-  udt = _WORD_DTYPES[out_dt]
-  per_word = out_dt.itemsize * 8 // bits
-  rows = indices.shape[0]
-  padded = -(-rows // per_word) * per_word
-  u = indices.astype(udt)
-  if padded != rows:
-    u = jnp.pad(u, [(0, padded - rows)] + [(0, 0)] * (indices.ndim - 1))
-  u = u.reshape((padded // per_word, per_word) + tuple(indices.shape[1:]))
-  shifts = (jnp.arange(per_word, dtype=udt) * bits).reshape((1, per_word) + (1,) * (u.ndim - 2))
-  words = jnp.sum(u << shifts, axis=1, dtype=udt)  # disjoint bit fields: sum == or
-  return jax.lax.bitcast_convert_type(words, out_dt) if out_dt != jnp.dtype(udt) else words
-
-
-def unpack_indices(packed: jax.Array, m: int, num_rows: int, *, dtype: Any = jnp.int8) -> jax.Array:
-  """Inverse of :func:`pack_indices`.
-
-  Args:
-    packed: ``[W, ...]`` words produced by :func:`pack_indices` (its dtype
-      selects the word size).
-    m: group size used when packing, ``m <= 16``.
-    num_rows: number of index rows R before padding,
-      ``(W-1)*P < R <= W*P`` (or 0 when W is 0).
-    dtype: integer dtype of the result.
-
-  Returns:
-    ``[num_rows, ...]`` indices of ``dtype``.
-
-  Raises:
-    ValueError: if ``m > 16`` or ``num_rows`` does not match ``packed``.
-    TypeError: for an unsupported ``packed`` dtype.
-  """
-  bits = index_bits(m)
-  in_dt, _ = _unsigned_word(packed.dtype, "packed.dtype")
-  per_word = in_dt.itemsize * 8 // bits
-  num_rows = _as_int(num_rows, "num_rows")
-  words = packed.shape[0]
-  if not (max(words - 1, 0) * per_word < num_rows <= words * per_word or num_rows == words == 0):
-    raise ValueError(
-      f"num_rows must be in ({max(words - 1, 0) * per_word}, {words * per_word}] for "
-      f"{words} words of {per_word} indices each; got num_rows={num_rows}."
-    )
-  return _unpack(packed, bits, num_rows, jnp.dtype(dtype))
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3))
-def _unpack(packed: jax.Array, bits: int, num_rows: int, dtype: jnp.dtype) -> jax.Array:
-  in_dt = jnp.dtype(packed.dtype)
-  udt = _WORD_DTYPES[in_dt]
-  per_word = in_dt.itemsize * 8 // bits
-  words = packed.shape[0]
-  u = jax.lax.bitcast_convert_type(packed, udt) if in_dt != jnp.dtype(udt) else packed
-  mask = udt((1 << bits) - 1)
-  slots = [(u >> udt(s * bits)) & mask for s in range(per_word)]
-  out = jnp.stack(slots, axis=1).reshape((words * per_word,) + tuple(packed.shape[1:]))
-  return out[:num_rows].astype(dtype)
-
-
-def _packed_index_nbytes(num_rows: int, num_cols: int, m: int) -> int:
-  per_word = 8 // index_bits(m)  # uint8 words
-  return -(-num_rows // per_word) * num_cols
 
 
 def nm_nbytes(tree: Any) -> int:
@@ -715,7 +484,7 @@ def nm_nbytes(tree: Any) -> int:
       rows, cols = x.values.shape
       vbytes = rows * cols * jnp.dtype(x.values.dtype).itemsize
       if x.m <= 16:
-        return vbytes + _packed_index_nbytes(rows, cols, x.m)
+        return vbytes + packed_index_nbytes(rows, cols, x.m)
       return vbytes + rows * cols
     if hasattr(x, "shape") and hasattr(x, "dtype"):
       return math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
