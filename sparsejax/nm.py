@@ -7,16 +7,14 @@ first used.
 """
 
 from sparsejax._src.formats.nm_format import NMSparse as NMSparse
-from sparsejax._src.formats.nm_format import index_bits as index_bits
-from sparsejax._src.formats.nm_format import is_nm_sparse as is_nm_sparse
 from sparsejax._src.formats.nm_format import make_nm_sparse as make_nm_sparse
 from sparsejax._src.formats.nm_format import nm_compress as nm_compress
 from sparsejax._src.formats.nm_format import nm_decompress as nm_decompress
-from sparsejax._src.formats.nm_format import nm_mask as nm_mask
 from sparsejax._src.formats.nm_format import nm_nbytes as nm_nbytes
 from sparsejax._src.formats.nm_format import nm_take as nm_take
-from sparsejax._src.formats.nm_format import pack_indices as pack_indices
-from sparsejax._src.formats.nm_format import unpack_indices as unpack_indices
+from sparsejax._src.formats.nm_packing import index_bits as index_bits
+from sparsejax._src.formats.nm_packing import pack_indices as pack_indices
+from sparsejax._src.formats.nm_packing import unpack_indices as unpack_indices
 from sparsejax._src.integration.nm_layers import NM_INDICES_COLLECTION as NM_INDICES_COLLECTION
 from sparsejax._src.integration.nm_layers import NMDense as NMDense
 from sparsejax._src.integration.nm_layers import NMDenseLinen as NMDenseLinen
@@ -25,9 +23,11 @@ from sparsejax._src.integration.nm_layers import nm_dense_from_kernel as nm_dens
 from sparsejax._src.integration.nm_layers import (
   nm_dense_linen_variables as nm_dense_linen_variables,
 )
-from sparsejax._src.kernels.nm_pallas import nm_matmul as nm_matmul
-from sparsejax._src.kernels.nm_pallas import nm_matmul_dense_grad as nm_matmul_dense_grad
-from sparsejax._src.kernels.nm_pallas import nm_matmul_reference as nm_matmul_reference
+from sparsejax._src.kernels.nm_matmul import nm_matmul as nm_matmul
+from sparsejax._src.kernels.nm_matmul import nm_matmul_dense_grad as nm_matmul_dense_grad
+from sparsejax._src.kernels.nm_matmul import nm_matmul_reference as nm_matmul_reference
+from sparsejax._src.primitives.nm_mask import is_nm_sparse as is_nm_sparse
+from sparsejax._src.primitives.nm_mask import nm_mask as nm_mask
 from sparsejax._src.primitives.structures import NM as NM
 from sparsejax._src.transforms.sr_ste import NMSRSTEState as NMSRSTEState
 from sparsejax._src.transforms.sr_ste import default_nm_filter as default_nm_filter

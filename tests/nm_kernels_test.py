@@ -1,4 +1,4 @@
-"""Tests for the N:M Pallas kernels and nm_matmul (sparsejax/_src/nm_kernels.py).
+"""Tests for the N:M Pallas kernels and nm_matmul (sparsejax/_src/kernels/nm_*.py).
 
 All kernels run in Pallas interpret mode on CPU and are compared with a dense
 float32 reference. The compiled GPU (Triton) and TPU (Mosaic) paths are only
@@ -14,7 +14,7 @@ import pytest
 from jax.test_util import check_grads
 
 from sparsejax._src.formats.nm_format import NMSparse, nm_compress, nm_decompress, nm_take
-from sparsejax._src.kernels.nm_pallas import (
+from sparsejax._src.kernels.nm_matmul import (
   nm_matmul,
   nm_matmul_dense_grad,
   nm_matmul_dv_kernel,
@@ -262,6 +262,45 @@ def test_argument_errors():
     nm_matmul_fwd_kernel(x, nms)
   with pytest.raises(ValueError, match=r"probe.shape must equal.*\(64, 32\)"):
     nm_matmul_dense_grad(x, nms, jnp.zeros((32, 64)))
+
+
+def test_concrete_invalid_indices_raise():
+  # Issue 18: a raw NMSparse with an index outside [0, m) used to multiply as if
+  # that weight were zero. Concrete indices are now checked by every entry point.
+  x, nms, dy = _problem(4, 64, 32, 2, 4, jnp.float32)
+  bad = NMSparse(nms.values, nms.indices.at[0, 3].set(4), 2, 4, nms.shape)
+  kw = dict(interpret=True, block_m=8, block_n=16, block_k=32)
+  calls = [
+    ("nm_matmul", lambda: nm_matmul(x, bad)),
+    ("nm_matmul", lambda: nm_matmul(x, bad, **kw)),
+    ("nm_matmul_reference", lambda: nm_matmul_reference(x, bad)),
+    ("nm_matmul_dense_grad", lambda: nm_matmul_dense_grad(x, bad, jnp.zeros(bad.shape))),
+    ("nm_matmul_fwd_kernel", lambda: nm_matmul_fwd_kernel(x, bad, **kw)),
+    ("nm_matmul_dx_kernel", lambda: nm_matmul_dx_kernel(dy, bad, **kw)),
+    ("nm_matmul_dv_kernel", lambda: nm_matmul_dv_kernel(x, dy, bad, **kw)),
+  ]
+  for name, call in calls:
+    with pytest.raises(ValueError, match=rf"{name}: nms.indices must lie in \[0, m\) = \[0, 4\)"):
+      call()
+  # A closed-over (concrete) NMSparse is checked when jit traces the call.
+  with pytest.raises(ValueError, match=r"nm_matmul: nms.indices must lie in"):
+    jax.jit(lambda x: nm_matmul(x, bad))(x)
+  unsorted = NMSparse(nms.values, nms.indices.at[1, 0].set(nms.indices[0, 0]), 2, 4, nms.shape)
+  with pytest.raises(ValueError, match=r"nm_matmul: nms.indices must be strictly increasing"):
+    nm_matmul(x, unsorted)
+
+
+def test_traced_invalid_indices_are_not_checked():
+  # Under jit with the indices as an argument nothing can be checked: the
+  # out-of-range entry acts as a zero weight (documented in nm_matmul).
+  x, nms, _ = _problem(4, 64, 32, 2, 4, jnp.float32)
+  bad_idx = nms.indices.at[0, 3].set(4)
+  f = jax.jit(lambda x, v, i: nm_matmul(x, NMSparse(v, i, 2, 4, nms.shape)))
+  w = np.array(nms.todense())
+  w[int(nms.indices[0, 3]), 3] = 0.0
+  np.testing.assert_allclose(
+    np.asarray(f(x, nms.values, bad_idx)), np.asarray(x) @ w, rtol=1e-5, atol=1e-5
+  )
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests for NMDense / NMDenseLinen and the export helpers (sparsejax/_src/nm_layers.py)."""
+"""Tests for NMDense / NMDenseLinen and the export helpers (_src/integration/nm_layers.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
-from sparsejax._src.formats.nm_format import NMSparse, is_nm_sparse, nm_mask
+from sparsejax._src.formats.nm_format import NMSparse
 from sparsejax._src.integration.nm_layers import (
   NM_INDICES_COLLECTION,
   NMDense,
@@ -16,6 +16,7 @@ from sparsejax._src.integration.nm_layers import (
   nm_dense_from_kernel,
   nm_dense_linen_variables,
 )
+from sparsejax._src.primitives.nm_mask import is_nm_sparse, nm_mask
 
 
 def _x(shape, seed=1):

@@ -1,10 +1,10 @@
 """Dense layers with a compressed N:M kernel (Flax NNX and Linen).
 
 The kernel ``[in_features, out_features]`` is stored compressed
-(:class:`~sparsejax._src.nm_format.NMSparse`, groups of M consecutive input
+(:class:`~sparsejax._src.formats.nm_format.NMSparse`, groups of M consecutive input
 features): the trainable ``values`` ``[in*N/M, out]`` and the fixed int8
 ``indices`` (not a parameter, so optimizers never touch it). The forward runs
-:func:`~sparsejax._src.nm_kernels.nm_matmul` (Pallas kernels on GPU/TPU, the
+:func:`~sparsejax._src.kernels.nm_matmul.nm_matmul` (Pallas kernels on GPU/TPU, the
 decompress-then-dot reference on CPU). The topology is fixed for the life of
 the layer; to change it, re-compress (e.g. after a DST mask update).
 
@@ -24,8 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparsejax._src.formats.nm_format import NMSparse, _check_nm, _is_tracer, nm_compress
-from sparsejax._src.kernels.nm_pallas import nm_matmul
+from sparsejax._src.formats.nm_format import NMSparse, nm_compress
+from sparsejax._src.kernels.nm_matmul import nm_matmul
+from sparsejax._src.primitives.nm_mask import _check_nm, _is_tracer
 
 __all__ = [
   "NM_INDICES_COLLECTION",
@@ -53,11 +54,38 @@ class NMIndices(nnx.Variable):
 
 
 def _check_in_features(in_features: int, m: int, owner: str) -> None:
+  """Raises unless ``in_features`` is divisible by the group size ``m``."""
   if in_features % m:
     raise ValueError(
       f"{owner}: in_features must be divisible by m (groups of m input features); "
       f"got in_features={in_features}, m={m}."
     )
+
+
+def _nm_dense_apply(
+  x: jax.Array, nms: NMSparse, bias: jax.Array | None, dtype: Any, interpret: bool | None
+) -> jax.Array:
+  """The forward shared by :class:`NMDense` and :class:`NMDenseLinen`: ``x @ W + bias``.
+
+  Args:
+    x: ``[..., in_features]`` inputs.
+    nms: the compressed ``[in_features, out_features]`` kernel.
+    bias: ``[out_features]`` or None.
+    dtype: computation dtype (``x``, the values and the bias are cast to it), or None
+      to promote ``x`` and the parameters.
+    interpret: forwarded to :func:`nm_matmul`.
+
+  Returns:
+    ``[..., out_features]`` outputs.
+  """
+  if dtype is not None:
+    x = x.astype(dtype)
+    nms = nms.replace(values=nms.values.astype(dtype))
+    bias = None if bias is None else bias.astype(dtype)
+  y = nm_matmul(x, nms, interpret=interpret)
+  if bias is not None:
+    y = y + bias.astype(y.dtype)
+  return y
 
 
 class NMDense(nnx.Module):
@@ -158,16 +186,8 @@ class NMDense(nnx.Module):
     Returns:
       ``[..., out_features]`` outputs.
     """
-    nms = self.sparse_kernel()
     bias = self.bias[...] if self.bias is not None else None
-    if self.dtype is not None:
-      x = x.astype(self.dtype)
-      nms = nms.replace(values=nms.values.astype(self.dtype))
-      bias = None if bias is None else bias.astype(self.dtype)
-    y = nm_matmul(x, nms, interpret=self.interpret)
-    if bias is not None:
-      y = y + bias.astype(y.dtype)
-    return y
+    return _nm_dense_apply(x, self.sparse_kernel(), bias, self.dtype, self.interpret)
 
 
 def _check_nm_kernel(kernel: jax.Array, n: int, m: int, fn: str) -> None:
@@ -310,14 +330,7 @@ class NMDenseLinen(nn.Module):
     bias = None
     if self.use_bias:
       bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-    if self.dtype is not None:
-      x = x.astype(self.dtype)
-      nms = nms.replace(values=nms.values.astype(self.dtype))
-      bias = None if bias is None else bias.astype(self.dtype)
-    y = nm_matmul(x, nms, interpret=self.interpret)
-    if bias is not None:
-      y = y + bias.astype(y.dtype)
-    return y
+    return _nm_dense_apply(x, nms, bias, self.dtype, self.interpret)
 
 
 def nm_dense_linen_variables(
