@@ -13,6 +13,7 @@ import jax
 
 
 def cpu_model() -> str:
+  """The CPU model name from ``/proc/cpuinfo`` (or ``platform``)."""
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
@@ -24,6 +25,7 @@ def cpu_model() -> str:
 
 
 def environment() -> str:
+  """One line naming jax, the backend, the device and the CPU."""
   dev = jax.devices()[0]
   return (
     f"jax {jax.__version__}, backend {jax.default_backend()}, device {dev.device_kind}, "
@@ -32,6 +34,7 @@ def environment() -> str:
 
 
 def block(x):
+  """``jax.block_until_ready(x)``."""
   return jax.block_until_ready(x)
 
 
@@ -60,4 +63,5 @@ def interleaved(
 
 
 def med(xs) -> float:
+  """The median of ``xs``."""
   return statistics.median(xs)

@@ -44,27 +44,28 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-import sparsejax  # noqa: E402
-from sparsejax._src.formats import condensed as cd  # noqa: E402
-from sparsejax._src.kernels import condensed_native  # noqa: E402
+import sparsejax as sj  # noqa: E402
+
+cd = sj.condensed
 
 SLOW_S = 0.15
 SLOW_ROUNDS = 5
 
 
 def environment() -> list[str]:
+  """Lines describing the machine, library versions and native-kernel status."""
   n_aff = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
   load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
   return [
     f"date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
     f"jax {jax.__version__}, backend {jax.default_backend()}, "
-    f"device {jax.devices()[0].device_kind}, sparsejax {sparsejax.__version__}",
+    f"device {jax.devices()[0].device_kind}, sparsejax {sj.__version__}",
     f"cpu: {_common.cpu_model()}, cpu_count {os.cpu_count()}, usable {n_aff}, "
     f"load average {' '.join(f'{v:.2f}' for v in load)}",
     f"python {platform.python_version()}, numpy {np.__version__}",
-    f"native kernel: {condensed_native.native_available()} "
-    f"(isa {condensed_native.native_cpu_isa()}) "
-    f"{condensed_native.native_unavailable_reason()}",
+    f"native kernel: {cd.native_available()} "
+    f"(isa {cd.native_cpu_isa()}) "
+    f"{cd.native_unavailable_reason()}",
   ]
 
 
@@ -81,26 +82,31 @@ def make_layer(perm: np.ndarray, n_in: int, n_out: int, sparsity: float, rng):
 
 @jax.jit
 def f_dense(x, w, b):
+  """Dense baseline ``x @ W + b``."""
   return x @ w + b
 
 
 @jax.jit
 def f_masked(x, w, m, b):
+  """Masked dense ``x @ (W * mask) + b``."""
   return x @ (w * m) + b
 
 
 @jax.jit
 def f_native(x, c):
+  """Condensed matmul, native C++ kernel."""
   return cd.condensed_matmul(x, c, method="native")
 
 
 @jax.jit
 def f_gather(x, c):
+  """Condensed matmul, XLA gather path."""
   return cd.condensed_matmul(x, c, method="gather")
 
 
 @jax.jit
 def f_scatter(x, c):
+  """Condensed matmul, dense path without a stored dense copy."""
   return cd.condensed_matmul(x, c, method="dense")
 
 
@@ -126,6 +132,7 @@ def time_point(fns: dict, rounds: int, rng) -> dict[str, np.ndarray]:
 
 
 def main(argv=None) -> int:
+  """Runs the benchmark and prints the table and the headline; returns the exit code."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--quick", action="store_true", help="smoke run: one small point")
   p.add_argument("--rounds", type=int, default=None, help="rounds per point")
@@ -153,7 +160,7 @@ def main(argv=None) -> int:
   if args.rounds:
     rounds = args.rounds
   variants = [v for v in args.variants.split(",") if v]
-  if "native" in variants and not condensed_native.native_available():
+  if "native" in variants and not cd.native_available():
     variants.remove("native")
 
   print("# condensed_inference: condensed (SRigL) vs dense inference, fp32, CPU")

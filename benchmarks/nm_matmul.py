@@ -40,13 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from sparsejax._src.formats.nm_format import nm_compress  # noqa: E402
-from sparsejax._src.kernels.nm_pallas import nm_matmul  # noqa: E402
+import sparsejax as sj  # noqa: E402
 
 _DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def _path_name() -> str:
+  """Which N:M path ``nm_matmul`` takes on this backend, in words."""
   backend = jax.default_backend()
   if backend == "gpu":
     return "Pallas kernels (Triton, compiled)"
@@ -56,6 +56,7 @@ def _path_name() -> str:
 
 
 def _parse_nm(text: str) -> list[tuple[int, int]]:
+  """Parses ``"2:4,1:8"`` into ``[(2, 4), (1, 8)]``."""
   pairs = []
   for item in text.split(","):
     n, m = item.split(":")
@@ -74,18 +75,11 @@ def _time_point(fns: dict, rounds: int, budget_s: float, rng: random.Random) -> 
     fn()
   per_round = time.perf_counter() - t0
   rounds = max(5, min(rounds, int(budget_s / max(per_round, 1e-9))))
-  times = {name: [] for name in fns}
-  order = list(fns)
-  for _ in range(rounds):
-    rng.shuffle(order)
-    for name in order:
-      t = time.perf_counter()
-      fns[name]()
-      times[name].append(time.perf_counter() - t)
-  return times
+  return _common.interleaved(fns, rounds, warmup=0, seed=rng.randrange(2**31))
 
 
 def main(argv: list[str] | None = None) -> int:
+  """Runs the benchmark and prints the tables and the headline; returns the exit code."""
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="small smoke run")
   parser.add_argument("--k", type=int, default=None, help="contraction size K")
@@ -127,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
   key = jax.random.key(args.seed)
   kx, kw = jax.random.split(key)
   w32 = jax.random.normal(kw, (k, nout), jnp.float32)
-  compressed = {nm: nm_compress(w32, *nm) for nm in pairs}
+  compressed = {nm: sj.nm.nm_compress(w32, *nm) for nm in pairs}
 
   print("weights per N:M (bytes as stored; packed = NMSparse.nbytes, 2/4-bit indices):")
   for dname in dtypes:
@@ -158,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     dense_w = w_dense[pairs[0]]  # any mask: dense cost does not depend on it
     dot = jax.jit(jnp.dot)
     dot32a = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
-    sparse = jax.jit(nm_matmul)
+    sparse = jax.jit(sj.nm.nm_matmul)
     baseline = "jnp.dot" if dt == jnp.float32 else "dense32a"
     for b in batches:
       x = jax.random.normal(jax.random.fold_in(kx, b), (b, k), jnp.float32).astype(dt)

@@ -20,6 +20,10 @@ from sparsejax._src.integration.condensed_layers import (
   condensed_dense_apply as condensed_dense_apply,
 )
 from sparsejax._src.kernels.condensed_native import native_available as native_available
+from sparsejax._src.kernels.condensed_native import native_cpu_isa as native_cpu_isa
+from sparsejax._src.kernels.condensed_native import (
+  native_unavailable_reason as native_unavailable_reason,
+)
 
 __all__ = (
   "Condensed",
@@ -33,6 +37,8 @@ __all__ = (
   "condensed_matmul",
   "condensed_nbytes",
   "native_available",
+  "native_cpu_isa",
+  "native_unavailable_reason",
   "select_condensed_method",
   "uncondense",
 )

@@ -14,13 +14,13 @@ import pytest
 from flax import nnx
 
 from sparsejax._src.formats import condensed as cd
-from sparsejax._src.kernels import condensed_native
 from sparsejax._src.integration.condensed_layers import (
   CondensedBuffer,
   CondensedDense,
   condense_params,
   condensed_dense_apply,
 )
+from sparsejax._src.kernels import condensed_native
 
 NATIVE = condensed_native.native_available()
 needs_native = pytest.mark.skipif(
@@ -320,6 +320,10 @@ def test_import_without_native_extension():
         from sparsejax._src.kernels import condensed_native as cn
         assert not cn.native_available(), cn.native_unavailable_reason()
         assert "SPARSEJAX_DISABLE_NATIVE" in cn.native_unavailable_reason()
+        # The public namespace reports the same status.
+        assert not sparsejax.condensed.native_available()
+        assert sparsejax.condensed.native_cpu_isa() is None
+        assert "SPARSEJAX_DISABLE_NATIVE" in sparsejax.condensed.native_unavailable_reason()
         m = np.zeros((8, 4), bool); m[:2] = True
         c = cd.condense(np.ones((8, 4), np.float32), m)
         print(cd.condensed_matmul(np.ones(8, np.float32), c).tolist())

@@ -155,6 +155,7 @@ jax.tree_util.register_dataclass(
 
 
 def _concrete(name: str, a: jax.typing.ArrayLike) -> np.ndarray:
+  """Returns ``a`` as a host array; raises if it is a tracer (shapes depend on its values)."""
   if isinstance(a, jax.core.Tracer):
     raise ValueError(
       f"condense needs a concrete `{name}` (its output shapes depend on the mask "
@@ -296,6 +297,7 @@ def condensed_nbytes(c: Condensed) -> int:
 
 
 def _native_ok(c: Condensed, x_dtype: jnp.dtype) -> tuple[bool, str]:
+  """Whether the native kernel can run ``c`` on ``x_dtype`` inputs, and if not, why."""
   if jax.default_backend() != "cpu":
     return False, f"the default backend is {jax.default_backend()!r}, not cpu"
   if x_dtype != jnp.float32 or c.values.dtype != jnp.float32:
@@ -346,6 +348,7 @@ def select_condensed_method(
 
 
 def _gather_matmul(x2: jax.Array, c: Condensed) -> jax.Array:
+  """The ``"gather"`` path: ``take`` the kept inputs, contract with the values."""
   # [B, n_active, k] gather then a batched dot (XLA turns the einsum into a dot;
   # gather-multiply-sum lowers to a slow reduce fusion, KERNELS.md §4).
   g = jnp.take(x2, c.indices, axis=1, mode="clip")
@@ -366,6 +369,7 @@ def _expand(y_act: jax.Array, c: Condensed) -> jax.Array:
 
 
 def _dense_matmul(x2: jax.Array, c: Condensed) -> jax.Array:
+  """The ``"dense"`` path: the stored dense copy, or one scattered in the call."""
   w = c.dense if c.dense is not None else _scatter_dense(c)
   y = x2 @ w
   if c.bias is not None:

@@ -147,6 +147,7 @@ class CondensedDense(nnx.Module):
 
 
 def _is_array(a: Any) -> bool:
+  """Whether ``a`` is an array leaf (has ``shape`` and ``dtype``)."""
   return hasattr(a, "shape") and hasattr(a, "dtype")
 
 
