@@ -42,8 +42,7 @@ from sparsejax._src.formats.condensed import condense as condense
 from sparsejax._src.formats.condensed import condensed_matmul as condensed_matmul
 from sparsejax._src.formats.nm_format import nm_compress as nm_compress
 from sparsejax._src.formats.nm_format import nm_decompress as nm_decompress
-
-# TODO(arch) restore: from sparsejax._src.kernels.nm_matmul import nm_matmul as nm_matmul
+from sparsejax._src.kernels.nm_matmul import nm_matmul as nm_matmul
 from sparsejax._src.primitives.structures import NM as NM
 from sparsejax._src.primitives.structures import ConstantFanIn as ConstantFanIn
 from sparsejax._src.primitives.structures import Structure as Structure
@@ -125,112 +124,40 @@ __all__ = (
   *_NAMESPACES,
 )
 
-# Names that moved from the top level into a namespace in 0.2 (still importable from the
-# top level, with a DeprecationWarning naming the new place).
-_MOVED = {
-  **{
-    name: "checkpoint"
-    for name in ("CheckpointManager", "CheckpointMismatchError", "CorruptCheckpointError")
-  },
-  **{
-    name: "condensed"
-    for name in (
-      "Condensed",
-      "NotConstantFanInError",
-      "condensed_nbytes",
-      "select_condensed_method",
-      "uncondense",
-      "CondensedBuffer",
-      "CondensedDense",
-      "condense_params",
-      "condensed_conv",
-      "condensed_dense_apply",
-    )
-  },
-  **{
-    name: "metrics"
-    for name in (
-      "JsonlWriter",
-      "LoggingWriter",
-      "MetricWriter",
-      "MultiWriter",
-      "ReportProgress",
-      "TensorBoardWriter",
-      "create_default_writer",
-      "estimate_flops",
-      "ever_active_fraction",
-      "fan_in_stats",
-      "init_ever_active",
-      "mask_summary",
-      "mask_turnover",
-      "read_jsonl",
-      "sparse_leaves",
-      "to_scalars",
-      "update_ever_active",
-    )
-  },
-  **{
-    name: "nm"
-    for name in (
-      "NMSparse",
-      "index_bits",
-      "is_nm_sparse",
-      "make_nm_sparse",
-      "nm_mask",
-      "nm_nbytes",
-      "nm_take",
-      "pack_indices",
-      "unpack_indices",
-      "nm_matmul_dense_grad",
-      "nm_matmul_reference",
-      "NM_INDICES_COLLECTION",
-      "NMDense",
-      "NMDenseLinen",
-      "NMIndices",
-      "nm_dense_from_kernel",
-      "nm_dense_linen_variables",
-      "default_nm_filter",
-      "mdgf_schedule",
-      "nm_project",
-      "nm_ste",
-      "sdgf_patterns",
-      "sdgf_schedule",
-    )
-  },
-  **{
-    name: "plotting"
-    for name in (
-      "plot_curves",
-      "plot_fan_in_heatmap",
-      "plot_layer_sparsity",
-      "plot_topology",
-      "save_figure",
-    )
-  },
-  **{
-    name: "primitives"
-    for name in (
-      "drop_and_grow",
-      "grouped_drop_and_grow",
-      "topk_mask",
-      "active_neurons",
-      "fan_in_counts",
-      "neurons_to_ablate",
-    )
-  },
-  **{
-    name: "sharding"
-    for name in (
-      "abstract_opt_state",
-      "fsdp_param_specs",
-      "named_shardings",
-      "opt_state_shardings",
-      "param_specs_from_rules",
-      "shard_dst_init",
-    )
-  },
-}
-_RENAMED = {"condensed_native_available": ("condensed", "native_available")}
+# Names that were at the top level in sparsejax 0.1 and now live in a namespace. They
+# still resolve from the top level, with a DeprecationWarning naming the new place (the
+# namespace is found from its ``__all__``, so only the old names are listed here).
+_MOVED_IN_0_2 = frozenset(
+  """
+  CheckpointManager CheckpointMismatchError CorruptCheckpointError Condensed
+  NotConstantFanInError condensed_nbytes select_condensed_method uncondense CondensedBuffer
+  CondensedDense condense_params condensed_conv condensed_dense_apply JsonlWriter
+  LoggingWriter MetricWriter MultiWriter ReportProgress TensorBoardWriter
+  create_default_writer estimate_flops ever_active_fraction fan_in_stats init_ever_active
+  mask_summary mask_turnover read_jsonl sparse_leaves to_scalars update_ever_active NMSparse
+  index_bits is_nm_sparse make_nm_sparse nm_mask nm_nbytes nm_take pack_indices
+  unpack_indices nm_matmul_dense_grad nm_matmul_reference NM_INDICES_COLLECTION NMDense
+  NMDenseLinen NMIndices nm_dense_from_kernel nm_dense_linen_variables default_nm_filter
+  mdgf_schedule nm_project nm_ste sdgf_patterns sdgf_schedule plot_curves
+  plot_fan_in_heatmap plot_layer_sparsity plot_topology save_figure drop_and_grow
+  grouped_drop_and_grow topk_mask active_neurons fan_in_counts neurons_to_ablate
+  abstract_opt_state fsdp_param_specs named_shardings opt_state_shardings
+  param_specs_from_rules shard_dst_init
+  """.split()
+)
+_RENAMED_IN_0_2 = {"condensed_native_available": ("condensed", "native_available")}
+
+
+def _moved_to(name: str) -> tuple[str, str] | None:
+  """``(namespace, new name)`` of a name moved in 0.2, or None."""
+  if name in _RENAMED_IN_0_2:
+    return _RENAMED_IN_0_2[name]
+  if name not in _MOVED_IN_0_2:
+    return None
+  for namespace in _NAMESPACES:
+    if name in importlib.import_module(f"sparsejax.{namespace}").__all__:
+      return namespace, name
+  return None
 
 
 def __getattr__(name: str) -> Any:
@@ -239,8 +166,9 @@ def __getattr__(name: str) -> Any:
     module = importlib.import_module(f"sparsejax.{name}")
     globals()[name] = module
     return module
-  if name in _MOVED or name in _RENAMED:
-    namespace, new_name = _RENAMED.get(name, (_MOVED.get(name), name))
+  moved = _moved_to(name)
+  if moved is not None:
+    namespace, new_name = moved
     warnings.warn(
       f"sparsejax.{name} moved to sparsejax.{namespace}.{new_name} in sparsejax 0.2; the "
       "top-level name will be removed in a future release.",

@@ -6,6 +6,8 @@ top level. Flax (for the layers) and Pallas (for the GPU/TPU kernels) are import
 first used.
 """
 
+from typing import TYPE_CHECKING
+
 from sparsejax._src.formats.nm_format import NMSparse as NMSparse
 from sparsejax._src.formats.nm_format import make_nm_sparse as make_nm_sparse
 from sparsejax._src.formats.nm_format import nm_compress as nm_compress
@@ -15,14 +17,6 @@ from sparsejax._src.formats.nm_format import nm_take as nm_take
 from sparsejax._src.formats.nm_packing import index_bits as index_bits
 from sparsejax._src.formats.nm_packing import pack_indices as pack_indices
 from sparsejax._src.formats.nm_packing import unpack_indices as unpack_indices
-from sparsejax._src.integration.nm_layers import NM_INDICES_COLLECTION as NM_INDICES_COLLECTION
-from sparsejax._src.integration.nm_layers import NMDense as NMDense
-from sparsejax._src.integration.nm_layers import NMDenseLinen as NMDenseLinen
-from sparsejax._src.integration.nm_layers import NMIndices as NMIndices
-from sparsejax._src.integration.nm_layers import nm_dense_from_kernel as nm_dense_from_kernel
-from sparsejax._src.integration.nm_layers import (
-  nm_dense_linen_variables as nm_dense_linen_variables,
-)
 from sparsejax._src.kernels.nm_matmul import nm_matmul as nm_matmul
 from sparsejax._src.kernels.nm_matmul import nm_matmul_dense_grad as nm_matmul_dense_grad
 from sparsejax._src.kernels.nm_matmul import nm_matmul_reference as nm_matmul_reference
@@ -37,6 +31,16 @@ from sparsejax._src.transforms.sr_ste import nm_sr_ste as nm_sr_ste
 from sparsejax._src.transforms.sr_ste import nm_ste as nm_ste
 from sparsejax._src.transforms.sr_ste import sdgf_patterns as sdgf_patterns
 from sparsejax._src.transforms.sr_ste import sdgf_schedule as sdgf_schedule
+
+if TYPE_CHECKING:  # the Flax layers load lazily (see __getattr__ below)
+  from sparsejax._src.integration.nm_layers import NM_INDICES_COLLECTION as NM_INDICES_COLLECTION
+  from sparsejax._src.integration.nm_layers import NMDense as NMDense
+  from sparsejax._src.integration.nm_layers import NMDenseLinen as NMDenseLinen
+  from sparsejax._src.integration.nm_layers import NMIndices as NMIndices
+  from sparsejax._src.integration.nm_layers import nm_dense_from_kernel as nm_dense_from_kernel
+  from sparsejax._src.integration.nm_layers import (
+    nm_dense_linen_variables as nm_dense_linen_variables,
+  )
 
 __all__ = (
   "NM",
@@ -69,3 +73,24 @@ __all__ = (
   "sdgf_schedule",
   "unpack_indices",
 )
+
+
+# Flax layers: imported on first use, so that the format and kernels do not load Flax.
+_FLAX_LAYERS = (
+  "NM_INDICES_COLLECTION",
+  "NMDense",
+  "NMDenseLinen",
+  "NMIndices",
+  "nm_dense_from_kernel",
+  "nm_dense_linen_variables",
+)
+
+
+def __getattr__(name: str):
+  if name in _FLAX_LAYERS:
+    import importlib  # pylint: disable=g-import-not-at-top
+
+    value = getattr(importlib.import_module("sparsejax._src.integration.nm_layers"), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,7 +52,10 @@ def _erdos_renyi_family(
   name: str,
 ) -> dict[str, float]:
   overrides = dict(overrides or {})
-  distributed = [p for p in shapes if p not in overrides]
+  # A zero-size layer has nothing to prune: dense, outside the budget (its raw density
+  # sum/prod would be inf/nan).
+  empty = {p for p in shapes if base.shape_size(shapes[p]) == 0}
+  distributed = [p for p in shapes if p not in overrides and p not in empty]
   sizes = {p: base.shape_size(shapes[p]) for p in distributed}
   raw = {p: raw_density(shapes[p]) for p in distributed}
   dense: set[str] = set()
@@ -85,7 +88,7 @@ def _erdos_renyi_family(
   for p in shapes:
     if p in overrides:
       out[p] = overrides[p]
-    elif p in dense:
+    elif p in dense or p in empty:
       out[p] = 0.0
     else:
       out[p] = float(1.0 - eps * raw[p])

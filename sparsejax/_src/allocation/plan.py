@@ -199,8 +199,8 @@ class Allocation:
     exclude_re = _compile("exclude", self.exclude)
     out = []
     for path, leaf in zip(paths, leaves, strict=True):
-      if not base.is_floating(leaf):
-        continue
+      if not base.is_floating(leaf) or base.shape_size(leaf.shape) == 0:
+        continue  # integer leaves, and zero-size leaves (nothing to prune), stay dense
       if callable(self.include):
         if not self.include(path, leaf):
           continue

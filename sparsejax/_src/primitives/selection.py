@@ -72,6 +72,7 @@ def topk_mask(
     Array([False,  True,  True, False], dtype=bool)
   """
   scores = jnp.asarray(scores)
+  _check_count("k", k)
   if axis is None:
     flat = topk_mask(
       scores.reshape(-1),
@@ -108,6 +109,17 @@ def topk_mask(
     return above | (at & (rank <= need))
 
   return lax.cond(jnp.all(n_at <= need), lambda: above | at, break_ties)
+
+
+def _check_count(name: str, k) -> None:
+  """Rejects non-integer counts (``k=2.5`` must not silently mean 2)."""
+  if isinstance(k, bool) or (isinstance(k, float) and not float(k).is_integer()):
+    raise TypeError(f"`{name}` must be an integer count, got {k!r}.")
+  if isinstance(k, float):
+    return
+  dtype = getattr(k, "dtype", None)
+  if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"`{name}` must be an integer count (an int or int array), got dtype {dtype}.")
 
 
 # Static strategy thresholds (see topk_mask).
@@ -242,14 +254,17 @@ def drop_and_grow(
     mask: bool array, the current mask.
     drop_scores: scores shaped like ``mask``; higher means more worth keeping.
     grow_scores: scores shaped like ``mask``; higher means more worth growing.
-    n_drop: number of entries to drop (and grow), ``0 <= n_drop <= nnz(mask)``.
+    n_drop: number of entries to drop (and grow); clipped to ``[0, nnz(mask)]`` (more
+      than nnz cannot be dropped, so the layer never grows).
 
   Returns:
     ``(new_mask, kept)``: the new bool mask (same nnz as ``mask``) and the kept subset of
     the old mask (``new_mask & ~kept`` are the grown entries, some possibly regrown).
   """
+  _check_count("n_drop", n_drop)
   mask = mask.astype(bool)
   nnz = jnp.sum(mask, dtype=jnp.int32)
+  n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
   kept = topk_mask(drop_scores, nnz - n_drop, candidates=mask)
   grown = topk_mask(grow_scores, n_drop, candidates=~kept)
   return kept | grown, kept
@@ -278,7 +293,8 @@ def grouped_drop_and_grow(
     mask: bool array; groups are the 1-D slices along ``axis``.
     drop_scores: shaped like ``mask``.
     grow_scores: shaped like ``mask``.
-    n_drop: number of active entries dropped layer-wide before regrowth.
+    n_drop: number of active entries dropped layer-wide before regrowth (clipped to
+      ``[0, nnz(mask)]``).
     per_group: target count per group: a scalar or an int array with ``axis`` reduced
       to size 1 (0 for a group that must become empty, e.g. an ablated neuron).
     axis: the group axis.
@@ -289,8 +305,10 @@ def grouped_drop_and_grow(
   Returns:
     ``(new_mask, kept)`` as in :func:`drop_and_grow`.
   """
+  _check_count("n_drop", n_drop)
   mask = mask.astype(bool)
   nnz = jnp.sum(mask, dtype=jnp.int32)
+  n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
   kept = topk_mask(drop_scores, nnz - n_drop, candidates=mask)
   if cap:
     kept = topk_mask(drop_scores, per_group, axis=axis, candidates=kept)

@@ -144,23 +144,53 @@ def _check_update_args(updates, state, params) -> tuple[list[str], list, Any, li
       f"{type(state).__name__}."
     )
   paths, grads, treedef = tree.flatten_with_paths(updates)
+  param_paths = tree.flatten_with_paths(params)[0]
+  if param_paths != paths:
+    missing = [p for p in param_paths if p not in paths]
+    extra = [p for p in paths if p not in param_paths]
+    raise ValueError(
+      "The gradients (`updates`) must have the structure of `params`: "
+      f"params have {len(param_paths)} leaves, the gradients {len(paths)}; in params but "
+      f"missing from the gradients: {missing[:6]}; in the gradients but not in params: "
+      f"{extra[:6]}."
+    )
   try:
     param_leaves = treedef.flatten_up_to(params)
     mask_leaves = treedef.flatten_up_to(state.masks)
   except (ValueError, TypeError) as e:
     raise ValueError(
-      "`updates` (the gradients), `params` and the optimizer state's masks must have the "
-      f"same tree structure; the gradients have {treedef.num_leaves} leaves "
-      f"({paths[:6]}{' ...' if len(paths) > 6 else ''}). Details: {e}"
+      "The optimizer state's masks do not match the params: was the optimizer state "
+      f"initialized for a different model? ({e})"
     ) from None
   return paths, grads, treedef, param_leaves, mask_leaves
 
 
+def _is_traced(tree_: Any) -> bool:
+  return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree_))
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Update:
+  """``update``: traced inline under jit/vmap/grad; called eagerly, it runs a compiled copy.
+
+  Eager calls (notebooks, quick scripts, ``nnx.Optimizer`` outside ``nnx.jit``) would
+  otherwise dispatch every selection op one by one (about a second per call); the jitted
+  body is compiled once per tree structure and shapes and then costs what a jitted step
+  costs.
+  """
+
   config: DSTConfig
 
+  def __post_init__(self):
+    object.__setattr__(self, "_compiled", jax.jit(self.body))
+
   def __call__(self, updates, state, params=None, **extra_args):
+    if params is not None and not _is_traced((updates, state, params, extra_args)):
+      _check_update_args(updates, state, params)  # clear errors before tracing
+      return self._compiled(updates, state, params, **extra_args)
+    return self.body(updates, state, params, **extra_args)
+
+  def body(self, updates, state, params=None, **extra_args):
     config = self.config
     paths, grads, treedef, param_leaves, mask_leaves = _check_update_args(updates, state, params)
     plan = config.allocation.plan(params)
