@@ -466,3 +466,112 @@ def test_mismatched_state_and_params_raise():
     tx.update(other, state, other)
   with pytest.raises(ValueError, match="[Mm]ask shape|different model"):
     sj.apply_masks(other, state)
+
+
+@pytest.mark.parametrize("count", [2, 3], ids=["mask_update_step", "normal_step"])
+@pytest.mark.parametrize("inner_name", ["adam", "sgd_momentum", "chain_clip_adam"])
+def test_update_is_exactly_the_inner_update_on_kept_weights(count, inner_name):
+  """Kept weights get exactly inner.update(masked grads, reset state); nothing else moves."""
+  params = _params()
+  x, y = _data()
+  tx = sj.rigl(INNER_OPTIMIZERS[inner_name](), sparsity=0.7, update_every=2, end_step=20, seed=3)
+  state = tx.init(params)
+  params = sj.apply_masks(params, state)
+  # A few warm-up steps so the inner state is non-trivial everywhere it may be.
+  for _ in range(3):
+    g = jax.grad(_loss)(params, x, y)
+    u, state = tx.update(g, state._replace(count=jnp.int32(0)), params)
+    params = optax.apply_updates(params, u)
+  state = state._replace(count=jnp.int32(count))
+  grads = jax.grad(_loss)(params, x, y)
+  updates, new_state = tx.update(grads, state, params)
+
+  old, new = sj.get_masks(state), sj.get_masks(new_state)
+  is_mask = lambda m: m is None or isinstance(m, jax.Array)  # noqa: E731
+  kept = jax.tree.map(lambda o, n: None if o is None else o & n, old, new, is_leaf=is_mask)
+  grown = jax.tree.map(lambda o, n: None if o is None else n & ~o, old, new, is_leaf=is_mask)
+  if count == 3:
+    assert all(not bool(g.any()) for g in jax.tree.leaves(grown)), "no update on this step"
+  else:
+    assert sum(int(g.sum()) for g in jax.tree.leaves(grown)) > 0, "the update should move masks"
+
+  def mask_grad(g, k):
+    return g if k is None else jnp.where(k, g, 0.0)
+
+  masked = jax.tree.map(mask_grad, grads, kept, is_leaf=is_mask)
+  inner = tx.init.config.inner
+  grown_or_false = jax.tree.map(lambda g: False if g is None else g, grown, is_leaf=is_mask)
+  reset = optax.tree_utils.tree_map_params(
+    inner,
+    lambda v, g: v if g is False else jnp.where(g, 0.0, v),
+    state.inner_state,
+    grown_or_false,
+  )
+  # Two different compiled programs may round the last bit differently (fusion), so the
+  # comparison is to 1e-6 relative: a fraction of the update (or a moment reset where it
+  # should not be) differs by orders of magnitude more.
+  ref_updates, ref_state = jax.jit(inner.update)(masked, reset, params)
+  chex.assert_trees_all_close(new_state.inner_state, ref_state, rtol=1e-6, atol=1e-9)
+  for path in ("layer0", "layer1"):
+    u = np.asarray(updates[path]["kernel"])
+    ref = np.asarray(ref_updates[path]["kernel"])
+    p = np.asarray(params[path]["kernel"])
+    k, n, gr = (np.asarray(t[path]["kernel"]) for t in (kept, new, grown))
+    np.testing.assert_allclose(u[k], ref[k], rtol=1e-6, atol=1e-9)  # the inner update itself
+    np.testing.assert_array_equal(u[~n], -p[~n])  # pruned weights land on exactly 0
+    np.testing.assert_array_equal(u[gr], -p[gr])  # grown weights start at grow_init = 0
+    np.testing.assert_allclose(updates[path]["bias"], ref_updates[path]["bias"], rtol=1e-6)
+
+
+def test_all_ones_masks_through_the_masked_path_equal_the_inner_optimizer():
+  params = _params()
+  x, y = _data()
+  inner = optax.adam(1e-2)
+  tx = sj.static_sparse(optax.adam(1e-2), sparsity=0.5)
+  state = tx.init(params)
+  ones = jax.tree.map(
+    lambda m: m if isinstance(m, optax.MaskedNode) else jnp.ones_like(m),
+    state.masks,
+    is_leaf=lambda m: isinstance(m, optax.MaskedNode),
+  )
+  state = state._replace(masks=ones)
+  s_inner = inner.init(params)
+  p_inner = p_dst = params
+  with jax.disable_jit():  # op by op on both sides: bit-for-bit comparable
+    for _ in range(4):
+      g = jax.grad(_loss)(p_inner, x, y)
+      u1, s_inner = inner.update(g, s_inner, p_inner)
+      u2, state = tx.update(g, state, p_dst)
+      chex.assert_trees_all_equal(u1, u2)
+      p_inner, p_dst = optax.apply_updates(p_inner, u1), optax.apply_updates(p_dst, u2)
+  chex.assert_trees_all_equal(s_inner, state.inner_state)
+
+
+def test_custom_grow_criterion_decides_what_grows():
+  """A criterion that ranks planted positions highest must grow exactly those."""
+  mask = np.zeros((6, 8), bool)
+  mask[:3] = True  # 24 active weights in rows 0-2
+  w = jnp.where(mask, jnp.arange(1, 49, dtype=jnp.float32).reshape(6, 8), 0.0)
+  planted = np.zeros((6, 8), bool)
+  planted[[3, 4, 5, 5], [7, 3, 1, 6]] = True  # inactive positions
+
+  def grow_planted(ctx):
+    return jnp.where(planted, 10.0, 0.0) + 1e-3 * jnp.abs(ctx.grad)
+
+  sj.register_criterion("test_grow_planted", grow_planted, overwrite=True)
+  for grow in (grow_planted, "test_grow_planted"):
+    tx = sj.dynamic_sparse(
+      optax.sgd(0.1),
+      sparsity=0.5,
+      grow=grow,
+      update_every=1,
+      end_step=10,
+      drop_fraction=4 / 24,
+      drop_fraction_decay="constant",
+    )
+    state = tx.init({"w": w})._replace(masks={"w": jnp.asarray(mask)}, count=jnp.int32(1))
+    _, new_state = tx.update({"w": jnp.ones((6, 8))}, state, {"w": w})
+    new = np.asarray(new_state.masks["w"])
+    np.testing.assert_array_equal(new & ~mask, planted)  # exactly the planted ones grew
+    dropped = mask & ~new
+    assert dropped.sum() == 4 and np.all(np.flatnonzero(dropped) == [0, 1, 2, 3])  # smallest |w|

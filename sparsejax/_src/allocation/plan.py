@@ -78,11 +78,17 @@ def flatten_params(params: base.Params) -> tuple[list[str], list[Any], Any]:
   """Flattens params into (paths, leaves, treedef), rejecting bad trees clearly.
 
   Raises:
-    ValueError: an empty tree, or two leaves with the same path (e.g. keys ``1`` and
-      ``"1"``), which masks and summaries could not tell apart.
+    ValueError: an empty tree, or two leaves with the same path (e.g. a key ``"a/b"``
+      next to a nested ``"a" -> "b"``), which masks and summaries could not tell apart.
     TypeError: a leaf that is not an array or ``jax.ShapeDtypeStruct``.
   """
-  paths, leaves, treedef = tree.flatten_with_paths(params)
+  try:
+    paths, leaves, treedef = tree.flatten_with_paths(params)
+  except (TypeError, ValueError) as e:
+    raise ValueError(
+      f"`params` cannot be flattened as a pytree ({e}); dict keys must be sortable, e.g. "
+      "all strings."
+    ) from None
   if not leaves:
     raise ValueError("`params` is an empty pytree: there is nothing to sparsify.")
   for path, leaf in zip(paths, leaves, strict=True):
@@ -97,8 +103,8 @@ def flatten_params(params: base.Params) -> tuple[list[str], list[Any], Any]:
   dupes = [p for p, n in seen.items() if n > 1]
   if dupes:
     raise ValueError(
-      f"`params` has several leaves with the same path {dupes[:5]} (e.g. dict keys 1 and "
-      "'1'); rename them so that every leaf has a unique path."
+      f"`params` has several leaves with the same path {dupes[:5]} (e.g. a key 'a/b' next to "
+      "a nested 'a' -> 'b'); rename them so that every leaf has a unique path."
     )
   return paths, leaves, treedef
 
