@@ -9,8 +9,10 @@ Three models, all small enough to train on a laptop CPU in seconds to minutes:
 
 Every model exposes ``kernel_positions()``: for each kernel path (``"conv1/kernel"``), the
 number of positions at which the kernel is applied per example (the product of the output
-spatial dimensions; 1 for a Dense layer). :func:`sparsejax.estimate_flops` uses it to turn
-kernel sizes into forward FLOPs.
+spatial dimensions; 1 for a Dense layer). :func:`sparsejax.metrics.estimate_flops` uses it
+to turn kernel sizes into forward FLOPs. Its keys are in the order the forward pass applies
+the kernels (first layer first, output layer last): the experiments pass the first and last
+to sparsejax as ``first_layer`` / ``last_layer``.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ At most two axes may exceed 1 (see :func:`mesh_shape`).
   (last) axis when it is divisible by the axis size.
 
 The optimizer state (DST masks, inner moments) is sharded like the params it belongs to;
-counters and PRNG keys are replicated (:func:`sparsejax.opt_state_shardings` derives the same
-for plain optax states). Everything else is JAX's own machinery: ``jax.jit`` with
+counters and PRNG keys are replicated (:func:`sparsejax.sharding.opt_state_shardings`
+derives the same for plain optax states). Everything else is JAX's own machinery: ``jax.jit`` with
 ``in_shardings``/``out_shardings`` and the compiler's collectives.
 """
 

@@ -2,6 +2,8 @@ r"""Plots from one or more experiment workdirs (reads ``metrics.jsonl``, writes 
 
 Usage::
 
+  python -m experiments.plot /tmp/sparsejax_rigl            # PNGs in /tmp/sparsejax_rigl/plots
+  python -m experiments.plot /tmp/sparsejax_rigl /tmp/sparsejax_set --out /tmp/sparsejax_plots
   python -m experiments.plot --workdirs /tmp/sparsejax_rigl,/tmp/sparsejax_set \
       --out /tmp/sparsejax_plots
 
@@ -32,7 +34,7 @@ def _load(workdir: str) -> list[dict[str, Any]]:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     raise FileNotFoundError(f"No metrics.jsonl in {workdir!r}: is it an experiment workdir?")
-  return sj.read_jsonl(path)
+  return sj.metrics.read_jsonl(path)
 
 
 def _label(workdir: str) -> str:
@@ -75,7 +77,7 @@ def _fan_in_history(workdir: str) -> dict[str, tuple[list[int], list[list[int]]]
   if not os.path.exists(path):
     return {}
   out: dict[str, tuple[list[int], list[list[int]]]] = {}
-  for rec in sj.read_jsonl(path):
+  for rec in sj.metrics.read_jsonl(path):
     for layer, vec in rec.get("fan_in", {}).items():
       steps, rows = out.setdefault(layer, ([], []))
       steps.append(int(rec["step"]))
@@ -92,7 +94,7 @@ def write_run_plots(workdir: str, out_dir: str | None = None) -> list[str]:
   Raises:
     ImportError: matplotlib is not installed.
   """
-  plotting = sj
+  plotting = sj.plotting
   out_dir = out_dir or os.path.join(workdir, "plots")
   records = _load(workdir)
   label = _label(workdir)
@@ -117,7 +119,7 @@ def write_comparison_plots(
   workdirs: Sequence[str], out_dir: str, labels: Sequence[str] | None = None
 ) -> list[str]:
   """Overlays several runs: ``curves.png`` and ``topology.png`` in ``out_dir``."""
-  plotting = sj
+  plotting = sj.plotting
   if labels is not None and len(labels) != len(workdirs):
     raise ValueError(f"--labels has {len(labels)} entries for {len(workdirs)} workdirs.")
   labels = list(labels) if labels else [_label(w) for w in workdirs]
@@ -131,18 +133,26 @@ def write_comparison_plots(
 
 
 def _define_flags() -> None:
-  flags.DEFINE_list("workdirs", None, "Comma-separated experiment workdirs.")
+  flags.DEFINE_list(
+    "workdirs", None, "Comma-separated experiment workdirs (or give them as positional arguments)."
+  )
   flags.DEFINE_string("out", None, "Output directory (default: <workdir>/plots for one).")
   flags.DEFINE_list("labels", None, "Optional labels, one per workdir.")
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  workdirs = f.workdirs
+  positional = list(argv[1:])
+  if positional and f.workdirs:
+    raise app.UsageError(
+      f"Give the workdirs either as arguments or with --workdirs, not both (got {positional} "
+      f"and --workdirs={','.join(f.workdirs)})."
+    )
+  workdirs = positional or f.workdirs
   if not workdirs:
-    raise app.UsageError("--workdirs is required (comma-separated).")
+    raise app.UsageError(
+      "No workdir given: python -m experiments.plot WORKDIR [WORKDIR ...] (or --workdirs=A,B)."
+    )
   if len(workdirs) == 1:
     paths = write_run_plots(workdirs[0], f.out)
   else:

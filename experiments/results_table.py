@@ -71,11 +71,15 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
 
 def make_config(run: Run, workdir: str, num_train_steps: int | None):
   """The method's config file with this run's sparsity and seeds."""
+  from experiments import builders  # pylint: disable=g-import-not-at-top
+
   module = importlib.import_module(f"experiments.configs.{run.config_file}")
   config = module.get_config(run.preset or None)
   config.seed = run.seed
-  config.dst.seed = run.seed
-  if run.method != "dense" and run.config_file != "nm":
+  fields = builders.METHODS[config.dst.method].fields
+  if "seed" in fields:  # the mask seed, for methods that draw random masks
+    config.dst.seed = run.seed
+  if "sparsity" in fields and run.config_file != "nm":
     config.dst.sparsity = run.sparsity
   if num_train_steps:
     config.num_train_steps = num_train_steps
@@ -131,8 +135,6 @@ def run_one(run: Run, workdir: str, num_train_steps: int | None) -> dict[str, An
 
 def plan(methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[int]) -> list[Run]:
   """All runs: dense once per seed, each sparse method at each sparsity and seed."""
-  import sparsejax as sj  # pylint: disable=g-import-not-at-top
-
   runs = []
   for method in methods:
     if method == "dense":
@@ -140,10 +142,7 @@ def plan(methods: Sequence[str], sparsities: Sequence[float], seeds: Sequence[in
     elif method == "nm":
       runs += [Run("nm", "", "rigl 2:4", 0.5, s) for s in seeds]
     elif method == "nm_sr_ste":
-      if hasattr(sj, "nm_sr_ste"):
-        runs += [Run("nm", "sr_ste", "nm_sr_ste 2:4", 0.5, s) for s in seeds]
-    elif method == "srigl" and not hasattr(sj, "srigl"):
-      logging.warning("Skipping srigl: sparsejax.srigl is not available.")
+      runs += [Run("nm", "sr_ste", "nm_sr_ste 2:4", 0.5, s) for s in seeds]
     else:
       runs += [Run(method, "", method, sp, s) for sp in sparsities for s in seeds]
   return runs
@@ -154,6 +153,95 @@ def _fmt(values: Sequence[float]) -> str:
   if math.isnan(ci):
     return f"{100 * m:.1f} (n=1)"
   return f"{100 * m:.1f} ± {100 * ci:.1f}"
+
+
+def _order_section(acc: dict[tuple[str, float], list[float]], sparsities: list[float]) -> list[str]:
+  """The RigL ≥ SET ≥ static verdict at each sparsity ≥ 90%."""
+  lines = ["", "## Does RigL ≥ SET ≥ static hold?", ""]
+  for s in [s for s in sparsities if s >= 0.9]:
+    have = all((m, s) in acc for m in ("rigl", "set", "static"))
+    if not have:
+      lines.append(f"* {100 * s:g}%: not all of rigl/set/static were run.")
+      continue
+    means = {m: mean_ci(acc[(m, s)]) for m in ("rigl", "set", "static")}
+    order_ok = means["rigl"][0] >= means["set"][0] >= means["static"][0]
+    detail = ", ".join(
+      f"{m} {100 * means[m][0]:.1f} ± {100 * means[m][1]:.1f}" for m in ("rigl", "set", "static")
+    )
+    overlap = []
+    for a, b in (("rigl", "set"), ("set", "static")):
+      (ma, ca), (mb, cb) = means[a], means[b]
+      if abs(ma - mb) < max(ca, cb):
+        overlap.append(f"{a} vs {b}")
+    verdict = "holds" if order_ok else "does NOT hold"
+    note = (
+      f"; the difference(s) {', '.join(overlap)} lie within the 95% CI (not significant)"
+      if overlap
+      else "; both gaps exceed the 95% CIs"
+    )
+    lines.append(f"* {100 * s:g}%: the order {verdict} on the means ({detail}){note}.")
+  return lines
+
+
+def _topology_section(rows: list[dict[str, Any]]) -> list[str]:
+  """The final topology of the first seed's runs."""
+  lines: list[str] = []
+  first_seed = min(r["seed"] for r in rows)
+  topo_rows = [r for r in rows if r.get("topology") and r["seed"] == first_seed]
+  layers = sorted({layer for r in topo_rows for layer in r["topology"]})
+  if topo_rows and layers:
+    lines += [
+      "",
+      f"## Topology at the end of training (seed {first_seed})",
+      "",
+      "Active neurons and fan-in range (min–max over active neurons) per sparse layer, from "
+      "the last topology record of each run's `metrics.jsonl`.",
+      "",
+      "| run | " + " | ".join(f"`{layer}`" for layer in layers) + " |",
+      "| --- | " + " | ".join("---" for _ in layers) + " |",
+    ]
+    for r in topo_rows:
+      cells = []
+      for layer in layers:
+        t = r["topology"].get(layer)
+        cells.append(
+          f"{t['active_neurons']} active, {t['fan_in_min']}–{t['fan_in_max']}" if t else "dense"
+        )
+      label = f"{r['method']} {100 * r['sparsity']:g}%"
+      lines.append(f"| {label} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def _configs_section(rows: list[dict[str, Any]], sparsities: list[float]) -> list[str]:
+  """Each config file and its differences from default.py."""
+  lines = [
+    "",
+    "## Configs",
+    "",
+    "Each row is its config file run with the overrides below (plus `seed` = the seed, "
+    "`dst.seed` = the seed for methods with random masks, and bookkeeping fields: "
+    "`data.cache_dir`, `jax_cache_dir`, `write_plots=False`, `checkpoint_every_steps=0`, "
+    "`progress_every_secs=30`).",
+    "",
+  ]
+  seen = set()
+  for r in rows:
+    key = (r["config_file"], r["preset"])
+    if key in seen:
+      continue
+    seen.add(key)
+    preset = f":{r['preset']}" if r["preset"] else ""
+    over = {k: v for k, v in r["overrides"].items() if k not in _BOOKKEEPING}
+    sweep = (
+      ""
+      if r["config_file"] in ("dense", "nm")
+      else " with `--config.dst.sparsity` ∈ {" + ", ".join(f"{s:g}" for s in sparsities) + "}"
+    )
+    lines.append(
+      f"* `experiments/configs/{r['config_file']}.py{preset}`{sweep}; differences from "
+      f"`default.py`: `{json.dumps(over, sort_keys=True)}`"
+    )
+  return lines
 
 
 def write_markdown(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) -> str:
@@ -195,78 +283,9 @@ def write_markdown(rows: list[dict[str, Any]], path: str, meta: dict[str, Any]) 
       else:
         cells.append("–")
     lines.append(f"| {method} | " + " | ".join(cells) + f" | {statistics.fmean(walls):.0f} s |")
-  lines += ["", "## Does RigL ≥ SET ≥ static hold?", ""]
-  for s in [s for s in sparsities if s >= 0.9]:
-    have = all((m, s) in acc for m in ("rigl", "set", "static"))
-    if not have:
-      lines.append(f"* {100 * s:g}%: not all of rigl/set/static were run.")
-      continue
-    means = {m: mean_ci(acc[(m, s)]) for m in ("rigl", "set", "static")}
-    order_ok = means["rigl"][0] >= means["set"][0] >= means["static"][0]
-    detail = ", ".join(
-      f"{m} {100 * means[m][0]:.1f} ± {100 * means[m][1]:.1f}" for m in ("rigl", "set", "static")
-    )
-    overlap = []
-    for a, b in (("rigl", "set"), ("set", "static")):
-      (ma, ca), (mb, cb) = means[a], means[b]
-      if abs(ma - mb) < max(ca, cb):
-        overlap.append(f"{a} vs {b}")
-    verdict = "holds" if order_ok else "does NOT hold"
-    note = (
-      f"; the difference(s) {', '.join(overlap)} lie within the 95% CI (not significant)"
-      if overlap
-      else "; both gaps exceed the 95% CIs"
-    )
-    lines.append(f"* {100 * s:g}%: the order {verdict} on the means ({detail}){note}.")
-  first_seed = min(r["seed"] for r in rows)
-  topo_rows = [r for r in rows if r.get("topology") and r["seed"] == first_seed]
-  layers = sorted({layer for r in topo_rows for layer in r["topology"]})
-  if topo_rows and layers:
-    lines += [
-      "",
-      f"## Topology at the end of training (seed {first_seed})",
-      "",
-      "Active neurons and fan-in range (min–max over active neurons) per sparse layer, from "
-      "the last topology record of each run's `metrics.jsonl`.",
-      "",
-      "| run | " + " | ".join(f"`{layer}`" for layer in layers) + " |",
-      "| --- | " + " | ".join("---" for _ in layers) + " |",
-    ]
-    for r in topo_rows:
-      cells = []
-      for layer in layers:
-        t = r["topology"].get(layer)
-        cells.append(
-          f"{t['active_neurons']} active, {t['fan_in_min']}–{t['fan_in_max']}" if t else "dense"
-        )
-      label = f"{r['method']} {100 * r['sparsity']:g}%"
-      lines.append(f"| {label} | " + " | ".join(cells) + " |")
-  lines += [
-    "",
-    "## Configs",
-    "",
-    "Each row is its config file run with the overrides below (plus `seed` = `dst.seed` = the"
-    " seed, and bookkeeping fields: `data.cache_dir`, `jax_cache_dir`, `write_plots=False`,"
-    " `checkpoint_every_steps=0`, `progress_every_secs=30`).",
-    "",
-  ]
-  seen = set()
-  for r in rows:
-    key = (r["config_file"], r["preset"])
-    if key in seen:
-      continue
-    seen.add(key)
-    preset = f":{r['preset']}" if r["preset"] else ""
-    over = {k: v for k, v in r["overrides"].items() if k not in _BOOKKEEPING}
-    sweep = (
-      ""
-      if r["config_file"] in ("dense", "nm")
-      else " with `--config.dst.sparsity` ∈ {" + ", ".join(f"{s:g}" for s in sparsities) + "}"
-    )
-    lines.append(
-      f"* `experiments/configs/{r['config_file']}.py{preset}`{sweep}; differences from "
-      f"`default.py`: `{json.dumps(over, sort_keys=True)}`"
-    )
+  lines += _order_section(acc, sparsities)
+  lines += _topology_section(rows)
+  lines += _configs_section(rows, sparsities)
   lines += [
     "",
     "Reproduce one cell: `python -m experiments.main --config experiments/configs/rigl.py "
@@ -363,7 +382,7 @@ def final_topology(run_dir: str) -> dict[str, dict[str, float]]:
   import sparsejax as sj  # pylint: disable=g-import-not-at-top
 
   last: dict[str, Any] = {}
-  for rec in sj.read_jsonl(path):
+  for rec in sj.metrics.read_jsonl(path):
     if any(k.startswith("active_neurons/") for k in rec):
       last = rec
   out: dict[str, dict[str, float]] = {}

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import train
+from experiments import config_lib
 from experiments.configs import rigl
 
 _CHILD = Path(__file__).with_name("_experiments_mesh_child.py")
@@ -117,7 +117,7 @@ def test_bad_mesh_config_fails_clearly(mesh, batch_size, match):
   c.mesh.data, c.mesh.fsdp, c.mesh.model = mesh
   c.batch_size = batch_size
   with pytest.raises(ValueError, match=match):
-    train.validate_config(c)
+    config_lib.validate_config(c)
 
 
 def test_optimizer_state_follows_param_shardings():

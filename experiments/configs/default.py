@@ -38,6 +38,8 @@ experiment on a device mesh, e.g. 8 fake CPU devices::
 import ml_collections
 
 PRESETS = ("smoke",)
+#: Methods whose masks update on a schedule (``config.dst.update_every`` applies to them).
+SCHEDULED_METHODS = ("set", "rigl", "srigl")
 
 
 def parse_presets(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> set[str]:
@@ -52,8 +54,12 @@ def parse_presets(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> set[st
   return names
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """Returns the base config; ``arg`` names presets (``"smoke"``)."""
+def get_config(arg: str | None = None, *, method: str = "dense") -> ml_collections.ConfigDict:
+  """Returns the base config for ``method``; ``arg`` names presets (``"smoke"``).
+
+  The method is set before the presets apply, so that a preset changes only fields the
+  method takes (a field a method does not take must keep its default).
+  """
   presets = parse_presets(arg)
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -86,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # Dynamic sparse training.
   config.dst = ml_collections.ConfigDict()
-  config.dst.method = "dense"  # dense | static | set | rigl | srigl | nm_sr_ste
+  config.dst.method = method  # dense | static | set | rigl | srigl | nm_sr_ste
   config.dst.sparsity = 0.9
   config.dst.distribution = "erk"  # uniform | erdos_renyi | erk
   config.dst.update_every = 100
@@ -147,7 +153,8 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.learning_rate = 0.1
   config.num_train_steps = 400
   config.warmup_steps = 10
-  config.dst.update_every = 50
+  if config.dst.method in SCHEDULED_METHODS:
+    config.dst.update_every = 50
   config.log_every_steps = 50
   config.eval_every_steps = 200
   config.checkpoint_every_steps = 200

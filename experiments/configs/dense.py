@@ -16,6 +16,5 @@ from experiments.configs import default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the dense config; arg names presets ("smoke")."""
-  config = default.get_config(arg)
-  config.dst.method = "dense"
+  config = default.get_config(arg, method="dense")
   return config

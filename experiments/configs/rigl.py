@@ -20,6 +20,5 @@ from experiments.configs import default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the rigl config; arg names presets ("smoke")."""
-  config = default.get_config(arg)
-  config.dst.method = "rigl"
+  config = default.get_config(arg, method="rigl")
   return config

@@ -18,8 +18,7 @@ from experiments.configs import default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the SRigL config; ``arg`` names presets (``"smoke"``)."""
-  config = default.get_config(arg)
-  config.dst.method = "srigl"
+  config = default.get_config(arg, method="srigl")
   config.dst.structure = "fan_in"
   config.dst.gamma_sal = 0.3
   return config

@@ -16,6 +16,5 @@ from experiments.configs import default
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the static config; arg names presets ("smoke")."""
-  config = default.get_config(arg)
-  config.dst.method = "static"
+  config = default.get_config(arg, method="static")
   return config
