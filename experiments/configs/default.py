@@ -38,8 +38,6 @@ experiment on a device mesh, e.g. 8 fake CPU devices::
 import ml_collections
 
 PRESETS = ("smoke",)
-#: Methods whose masks update on a schedule (``config.dst.update_every`` applies to them).
-SCHEDULED_METHODS = ("set", "rigl", "srigl")
 
 
 def parse_presets(arg: str | None, allowed: tuple[str, ...] = PRESETS) -> set[str]:
@@ -142,8 +140,11 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   """Shrinks a config to a run of seconds (tests, notebooks); compilation dominates it.
 
   400 steps on 2000 MNIST-1D samples with a 32-channel CNN: long enough to learn something
-  (about 50% test accuracy for RigL at 90% sparsity), short enough to run in the tests.
+  (RigL at 90% sparsity: 38-51% test accuracy over seeds 0-4, static 27-35%), short enough
+  to run in the tests. Mask updates every 50 steps for methods with a mask schedule.
   """
+  from experiments import builders  # pylint: disable=g-import-not-at-top
+
   config.data.num_samples = 2000
   config.model_kwargs.mlp_features = (64, 32)
   config.model_kwargs.cnn_channels = 32
@@ -153,7 +154,7 @@ def apply_smoke(config: ml_collections.ConfigDict) -> None:
   config.learning_rate = 0.1
   config.num_train_steps = 400
   config.warmup_steps = 10
-  if config.dst.method in SCHEDULED_METHODS:
+  if "update_every" in builders.METHODS[config.dst.method].fields:  # a mask schedule
     config.dst.update_every = 50
   config.log_every_steps = 50
   config.eval_every_steps = 200
