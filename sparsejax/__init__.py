@@ -30,6 +30,7 @@ from sparsejax._src.allocation.distributions import uniform as uniform
 from sparsejax._src.base import LayerInfo as LayerInfo
 from sparsejax._src.base import ScoreContext as ScoreContext
 from sparsejax._src.criteria.schedules import drop_fraction_schedule as drop_fraction_schedule
+from sparsejax._src.criteria.schedules import gradual_sparsity as gradual_sparsity
 from sparsejax._src.criteria.schedules import is_mask_update_step as is_mask_update_step
 from sparsejax._src.criteria.scores import get_criterion as get_criterion
 from sparsejax._src.criteria.scores import gradient_magnitude as gradient_magnitude
@@ -38,22 +39,27 @@ from sparsejax._src.criteria.scores import momentum_magnitude as momentum_magnit
 from sparsejax._src.criteria.scores import random_scores as random_scores
 from sparsejax._src.criteria.scores import register_criterion as register_criterion
 from sparsejax._src.criteria.scores import registered_criteria as registered_criteria
+from sparsejax._src.criteria.scores import snip as snip
 from sparsejax._src.formats.condensed import condense as condense
 from sparsejax._src.formats.condensed import condensed_matmul as condensed_matmul
 from sparsejax._src.formats.nm_format import nm_compress as nm_compress
 from sparsejax._src.formats.nm_format import nm_decompress as nm_decompress
 from sparsejax._src.kernels.nm_matmul import nm_matmul as nm_matmul
 from sparsejax._src.primitives.structures import NM as NM
+from sparsejax._src.primitives.structures import Block as Block
 from sparsejax._src.primitives.structures import ConstantFanIn as ConstantFanIn
 from sparsejax._src.primitives.structures import Structure as Structure
 from sparsejax._src.primitives.structures import Unstructured as Unstructured
 from sparsejax._src.primitives.structures import get_structure as get_structure
 from sparsejax._src.transforms.dynamic_sparse import SparseTransformation as SparseTransformation
 from sparsejax._src.transforms.dynamic_sparse import dynamic_sparse as dynamic_sparse
+from sparsejax._src.transforms.methods import gmp as gmp
+from sparsejax._src.transforms.methods import granet as granet
 from sparsejax._src.transforms.methods import rigl as rigl
 from sparsejax._src.transforms.methods import set_ as set_
 from sparsejax._src.transforms.methods import srigl as srigl
 from sparsejax._src.transforms.methods import static_sparse as static_sparse
+from sparsejax._src.transforms.pruning import prune as prune
 from sparsejax._src.transforms.readers import apply_masks as apply_masks
 from sparsejax._src.transforms.readers import find_dst_state as find_dst_state
 from sparsejax._src.transforms.readers import format_summary as format_summary
@@ -77,7 +83,10 @@ __all__ = (
   "set_",
   "rigl",
   "srigl",
+  "gmp",
+  "granet",
   "nm_sr_ste",
+  "prune",
   "SparseTransformation",
   # State and readers.
   "DynamicSparseState",
@@ -92,11 +101,13 @@ __all__ = (
   # Schedules.
   "is_mask_update_step",
   "drop_fraction_schedule",
+  "gradual_sparsity",
   # Structures.
   "Structure",
   "Unstructured",
   "ConstantFanIn",
   "NM",
+  "Block",
   "get_structure",
   # Criteria.
   "ScoreContext",
@@ -105,6 +116,7 @@ __all__ = (
   "gradient_magnitude",
   "random_scores",
   "momentum_magnitude",
+  "snip",
   "register_criterion",
   "get_criterion",
   "registered_criteria",

@@ -69,6 +69,9 @@ INNER_OPTIMIZERS = {
   "chain_clip_adam": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2)),
   "inject_hyperparams_adam": lambda: optax.inject_hyperparams(optax.adam)(learning_rate=1e-2),
   "multisteps_adam": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
+  "sgd_weight_decay": lambda: optax.chain(
+    optax.add_decayed_weights(1e-2), optax.sgd(0.1, momentum=0.9)
+  ),
 }
 
 
@@ -101,12 +104,13 @@ def test_sparsity_zero_is_bitwise_identical_to_inner():
   tx = sj.rigl(optax.adam(1e-2), sparsity=0.0, update_every=1, end_step=10)
   s_inner, s_dst = inner.init(params), tx.init(params)
   p_inner = p_dst = params
-  for _ in range(5):
-    g = jax.grad(_loss)(p_inner, x, y)
-    u1, s_inner = inner.update(g, s_inner, p_inner)
-    u2, s_dst = tx.update(g, s_dst, p_dst)
-    chex.assert_trees_all_equal(u1, u2)
-    p_inner, p_dst = optax.apply_updates(p_inner, u1), optax.apply_updates(p_dst, u2)
+  with jax.disable_jit():  # op by op on both sides (tx.update compiles eager calls otherwise)
+    for _ in range(5):
+      g = jax.grad(_loss)(p_inner, x, y)
+      u1, s_inner = inner.update(g, s_inner, p_inner)
+      u2, s_dst = tx.update(g, s_dst, p_dst)
+      chex.assert_trees_all_equal(u1, u2)
+      p_inner, p_dst = optax.apply_updates(p_inner, u1), optax.apply_updates(p_dst, u2)
   chex.assert_trees_all_equal(p_inner, p_dst)
 
 
@@ -469,7 +473,9 @@ def test_mismatched_state_and_params_raise():
 
 
 @pytest.mark.parametrize("count", [2, 3], ids=["mask_update_step", "normal_step"])
-@pytest.mark.parametrize("inner_name", ["adam", "sgd_momentum", "chain_clip_adam"])
+@pytest.mark.parametrize(
+  "inner_name", ["adam", "sgd_momentum", "chain_clip_adam", "sgd_weight_decay"]
+)
 def test_update_is_exactly_the_inner_update_on_kept_weights(count, inner_name):
   """Kept weights get exactly inner.update(masked grads, reset state); nothing else moves."""
   params = _params()
@@ -500,17 +506,20 @@ def test_update_is_exactly_the_inner_update_on_kept_weights(count, inner_name):
 
   masked = jax.tree.map(mask_grad, grads, kept, is_leaf=is_mask)
   inner = tx.init.config.inner
-  grown_or_false = jax.tree.map(lambda g: False if g is None else g, grown, is_leaf=is_mask)
+  # The inner state restarts from 0 wherever a mask changed (grown or dropped), and is
+  # untouched (then updated by the inner optimizer) everywhere else.
+  changed = jax.tree.map(lambda o, n: False if o is None else o ^ n, old, new, is_leaf=is_mask)
   reset = optax.tree_utils.tree_map_params(
     inner,
-    lambda v, g: v if g is False else jnp.where(g, 0.0, v),
+    lambda v, c: v if c is False else jnp.where(c, 0.0, v),
     state.inner_state,
-    grown_or_false,
+    changed,
   )
   # Two different compiled programs may round the last bit differently (fusion), so the
   # comparison is to 1e-6 relative: a fraction of the update (or a moment reset where it
   # should not be) differs by orders of magnitude more.
-  ref_updates, ref_state = jax.jit(inner.update)(masked, reset, params)
+  masked_params = jax.tree.map(mask_grad, params, kept, is_leaf=is_mask)
+  ref_updates, ref_state = jax.jit(inner.update)(masked, reset, masked_params)
   chex.assert_trees_all_close(new_state.inner_state, ref_state, rtol=1e-6, atol=1e-9)
   for path in ("layer0", "layer1"):
     u = np.asarray(updates[path]["kernel"])
@@ -575,3 +584,27 @@ def test_custom_grow_criterion_decides_what_grows():
     np.testing.assert_array_equal(new & ~mask, planted)  # exactly the planted ones grew
     dropped = mask & ~new
     assert dropped.sum() == 4 and np.all(np.flatnonzero(dropped) == [0, 1, 2, 3])  # smallest |w|
+
+
+@pytest.mark.parametrize("inner_name", ["adam", "sgd_weight_decay", "adamw"])
+def test_inner_state_is_zero_at_every_inactive_position(inner_name):
+  tx = sj.rigl(INNER_OPTIMIZERS[inner_name](), sparsity=0.8, update_every=2, end_step=20)
+  checked = []
+
+  def assert_zero_where_inactive(value, mask):
+    if mask is not None and getattr(value, "shape", None) == mask.shape:
+      assert not np.asarray(value)[~np.asarray(mask)].any(), f"{inner_name}: pruned weight state"
+      checked.append(1)
+    return value
+
+  def check(params, old, new):
+    optax.tree_utils.tree_map_params(
+      INNER_OPTIMIZERS[inner_name](),
+      assert_zero_where_inactive,
+      new.inner_state,
+      sj.get_masks(new, params),
+      is_leaf=lambda x: x is None,
+    )
+
+  _train(tx, 9, check=check)
+  assert checked, "no param-shaped state was checked"

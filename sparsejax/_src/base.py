@@ -64,8 +64,12 @@ class ScoreContext(NamedTuple):
     path: the leaf's path, e.g. ``"layer1/kernel"`` (a static Python string).
     inner_moments: a tuple of the inner optimizer's param-shaped state arrays for this
       leaf (e.g. Adam's ``(mu, nu)``, SGD momentum's ``(trace,)``), in state order.
-    sparsity: the layer's target sparsity (a static Python float).
+    sparsity: the layer's target sparsity (a static Python float; under a sparsity
+      schedule, the final one).
     layer: the layer's position in the model (:class:`LayerInfo`).
+    target_nnz: int32 scalar, the number of nonzeros the mask must have after this
+      update under a sparsity schedule (gradual pruning, GraNet), or ``None`` when the
+      update keeps nnz (every drop-and-grow method).
   """
 
   param: jax.Array
@@ -77,6 +81,7 @@ class ScoreContext(NamedTuple):
   inner_moments: tuple[jax.Array, ...]
   sparsity: float = 0.0
   layer: LayerInfo | None = None
+  target_nnz: jax.Array | None = None
 
 
 def check_sparsity(name: str, value: Any, *, allow_none: bool = False) -> float | None:

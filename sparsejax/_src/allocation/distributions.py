@@ -163,7 +163,28 @@ def erk(
   return _erdos_renyi_family(shapes, sparsity, raw, overrides, "erk")
 
 
+def global_(
+  shapes: Shapes, sparsity: float, *, overrides: Mapping[str, float] | None = None
+) -> dict[str, float]:
+  """``distribution="global"``: one ranking across all sparse layers.
+
+  The per-layer budgets are not fixed in advance: whenever a budget is set (one-shot
+  pruning with :func:`sparsejax.prune`, every pruning step of :func:`sparsejax.gmp` and
+  :func:`sparsejax.granet`, and the initial masks of the other methods), the scores of all
+  pooled layers are ranked together and the top ``N·(1 - S)`` weights are kept, so each
+  layer ends at whatever sparsity the single threshold gives it (jaxpruner's global
+  magnitude without per-layer normalisation; GraNet's global pruning). Layers in
+  ``overrides`` are pruned on their own at their given sparsity, outside the pool. As a
+  plan (before any scores exist) every pooled layer is listed at ``sparsity``.
+
+  Caveat (SynFlow, Tanaka et al. 2020): with data-free scores at high sparsity a whole
+  layer can be pruned away; sparsejax keeps at least one weight per layer.
+  """
+  return uniform(shapes, sparsity, overrides=overrides)
+
+
 DISTRIBUTIONS: dict[str, Distribution] = {
+  "global": global_,
   "uniform": uniform,
   "erdos_renyi": erdos_renyi,
   "er": erdos_renyi,

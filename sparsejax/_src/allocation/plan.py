@@ -173,6 +173,12 @@ class Allocation:
       raise ValueError(
         f"`erk_power_scale`={scale} applies only to distribution='erk', not {self.distribution!r}."
       )
+    if self.is_global and not isinstance(self.structure, structures.Unstructured):
+      raise ValueError(
+        f"distribution='global' ranks single weights across layers; it needs an unstructured "
+        f"mask, not structure={self.structure!r}. Use a per-layer distribution ('erk', "
+        "'uniform') with structured sparsity."
+      )
     if isinstance(self.structure, structures.NM):
       nm_sparsity = self.structure.sparsity
       if self.sparsity is not None and abs(self.sparsity - nm_sparsity) > 1e-9:
@@ -183,6 +189,11 @@ class Allocation:
         )
     elif self.sparsity is None:
       raise ValueError("`sparsity` is required (a float in [0, 1)) unless structure is NM(n, m).")
+
+  @property
+  def is_global(self) -> bool:
+    """Whether budgets come from one ranking across layers (``distribution="global"``)."""
+    return self.distribution == "global" or self.distribution is distributions.global_
 
   # ------------------------------------------------------------------------------------
 
@@ -310,7 +321,7 @@ class Allocation:
         out.append(LeafPlan(path, shapes[path], None, info, f"dense: sparsity 0 ({why})"))
       else:
         s = self.structure.layer_sparsity(info, s)
-        role = "sparse"
+        role = "sparse (global budget)" if self.is_global and path not in overrides else "sparse"
         if (
           isinstance(self.structure, structures.ConstantFanIn)
           and self.structure.gamma_sal is not None

@@ -186,3 +186,122 @@ def warn_if_never_updates(schedule: UpdateSchedule) -> None:
       "mask. Lower `update_every` or raise `end_step`, or use static_sparse.",
       stacklevel=3,
     )
+
+
+# --------------------------------------------------------------------------------------
+# Sparsity schedules: gradual magnitude pruning (Zhu & Gupta 2017) and GraNet.
+# --------------------------------------------------------------------------------------
+
+
+def gradual_sparsity(
+  step: Any,
+  *,
+  sparsity: float,
+  initial_sparsity: float = 0.0,
+  start_step: int = 0,
+  end_step: int,
+  power: float = 3.0,
+) -> Any:
+  """Zhu & Gupta's cubic sparsity schedule at ``step`` (a number or a NumPy array).
+
+  ``s_t = s_f + (s_i - s_f)·(1 - p)^power`` with ``p = clip((t - t0)/(t_end - t0), 0, 1)``:
+  ``s_i`` at ``start_step``, ``s_f`` from ``end_step`` on. Reference: Zhu & Gupta 2017,
+  "To prune, or not to prune", https://arxiv.org/abs/1710.01878 (the formula of
+  tensorflow/model-optimization ``PolynomialDecay``, ALGORITHMS_BASELINES.md §1.1).
+
+  Args:
+    step: the step count(s).
+    sparsity: the final sparsity ``s_f``.
+    initial_sparsity: ``s_i`` (``<= s_f``).
+    start_step: ``t0``.
+    end_step: ``t_end > t0``.
+    power: the exponent (3 for Zhu & Gupta), ``> 0``.
+
+  Returns:
+    The sparsity at ``step`` (float64, same shape as ``step``).
+  """
+  p = np.clip((np.asarray(step, np.float64) - start_step) / (end_step - start_step), 0.0, 1.0)
+  return sparsity + (initial_sparsity - sparsity) * (1.0 - p) ** power
+
+
+@dataclasses.dataclass(frozen=True)
+class GradualSchedule:
+  """When a sparsity schedule prunes, and the sparsity each pruning step reaches.
+
+  Pruning steps: ``t0 = start_step`` and every ``update_every`` steps after it up to
+  ``end_step``, and ``end_step`` itself even when it is off that grid, so that every layer
+  ends exactly at its target (jaxpruner and TF's schedules miss it then). Mask updates
+  (GraNet's regrowth) continue on the same grid until ``regrow_end_step`` (default
+  ``end_step``) with the sparsity held at its final value.
+
+  Attributes:
+    start_step: ``t0``, the first pruning step.
+    end_step: the last pruning step (sparsity final from here).
+    update_every: ΔT between pruning steps.
+    initial_sparsity: ``s_i`` in [0, 1).
+    power: exponent of the schedule (3: cubic).
+    regrow_end_step: last step with mask updates (``None``: ``end_step``).
+  """
+
+  start_step: int
+  end_step: int
+  update_every: int
+  initial_sparsity: float = 0.0
+  power: float = 3.0
+  regrow_end_step: int | None = None
+
+  def __post_init__(self):
+    base.check_int("start_step", self.start_step, minimum=0)
+    base.check_int("update_every", self.update_every, minimum=1)
+    base.check_int("end_step", self.end_step)
+    if self.end_step <= self.start_step:
+      raise ValueError(f"`end_step` must be > `start_step`={self.start_step}, got {self.end_step}.")
+    base.check_sparsity("initial_sparsity", self.initial_sparsity)
+    power = self.power
+    if isinstance(power, bool) or not isinstance(power, int | float) or not power > 0:
+      raise ValueError(f"`power` (the schedule's exponent) must be > 0, got {power!r}.")
+    if self.regrow_end_step is not None:
+      base.check_int("regrow_end_step", self.regrow_end_step)
+      if self.regrow_end_step < self.end_step:
+        raise ValueError(
+          f"`regrow_end_step`={self.regrow_end_step} must be >= `end_step`={self.end_step}."
+        )
+
+  @property
+  def last_update(self) -> int:
+    return self.end_step if self.regrow_end_step is None else self.regrow_end_step
+
+  def update_steps(self) -> np.ndarray:
+    """Every step with a mask update, ascending (host ints)."""
+    grid = np.arange(self.start_step, self.last_update + 1, self.update_every, dtype=np.int64)
+    return np.union1d(grid, [self.end_step])
+
+  def pruning_steps(self) -> np.ndarray:
+    """The steps at which the sparsity changes (up to and including ``end_step``)."""
+    steps = self.update_steps()
+    return steps[steps <= self.end_step]
+
+  def is_update(self, count: Any) -> jax.Array:
+    """Whether step ``count`` updates the masks (jit-safe)."""
+    count = jnp.asarray(count, jnp.int32)
+    on_grid = (count - self.start_step) % self.update_every == 0
+    in_range = (count >= self.start_step) & (count <= self.last_update)
+    return in_range & (on_grid | (count == self.end_step))
+
+  def index(self, count: Any) -> jax.Array:
+    """Index of ``count`` in :meth:`pruning_steps` (the last one from ``end_step`` on)."""
+    n = len(self.pruning_steps())
+    grid = (jnp.asarray(count, jnp.int32) - self.start_step) // self.update_every
+    idx = jnp.where(jnp.asarray(count) >= self.end_step, n - 1, grid)
+    return jnp.clip(idx, 0, n - 1)
+
+  def sparsities(self, final: float, initial: float) -> np.ndarray:
+    """The sparsity at every pruning step, for one layer going ``initial`` → ``final``."""
+    return gradual_sparsity(
+      self.pruning_steps(),
+      sparsity=final,
+      initial_sparsity=min(initial, final),
+      start_step=self.start_step,
+      end_step=self.end_step,
+      power=self.power,
+    )

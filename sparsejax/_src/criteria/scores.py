@@ -43,6 +43,16 @@ def random_scores(ctx: base.ScoreContext) -> jax.Array:
   return jax.random.uniform(ctx.key, ctx.param.shape, jnp.float32)
 
 
+def snip(ctx: base.ScoreContext) -> jax.Array:
+  """``|g ⊙ w|``: SNIP's connection sensitivity (Lee et al. 2019, arXiv:1810.02340).
+
+  With one batch's gradient at initialization it is the score of pruning at init
+  (:func:`sparsejax.prune` with ``criterion="snip"``); normalising by the sum over all
+  layers (as the official code does) does not change the ranking, so it is not done.
+  """
+  return jnp.abs(ctx.grad * ctx.param)
+
+
 def momentum_magnitude(ctx: base.ScoreContext) -> jax.Array:
   """``|m|`` of the inner optimizer's first param-shaped state (Adam ``mu``, SGD trace).
 
@@ -66,6 +76,7 @@ _REGISTRY: dict[str, Criterion] = {
   "gradient": gradient_magnitude,
   "gradient_magnitude": gradient_magnitude,
   "random": random_scores,
+  "snip": snip,
   "momentum": momentum_magnitude,
   "momentum_magnitude": momentum_magnitude,
 }

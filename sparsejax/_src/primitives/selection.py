@@ -33,10 +33,12 @@ _SIGN_BIT = jnp.uint32(0x80000000)
 def _ordered_keys(scores: jax.Array) -> jax.Array:
   """Maps float scores to uint32 keys with the same order (larger score, larger key).
 
-  -inf maps above every NaN bit pattern with the sign bit set, and +NaN maps above +inf;
-  callers that may see NaN must check for it (the DST wrapper skips such updates).
+  -0.0 maps to the key of +0.0 (equal scores tie, and ties go by index). -inf maps above
+  every NaN bit pattern with the sign bit set, and +NaN maps above +inf; callers that may
+  see NaN must check for it (the DST wrapper skips such updates).
   """
   bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
+  bits = jnp.where(bits == _SIGN_BIT, jnp.uint32(0), bits)  # -0.0 -> +0.0
   negative = (bits & _SIGN_BIT) != 0
   return jnp.where(negative, ~bits, bits | _SIGN_BIT)
 
@@ -240,8 +242,9 @@ def drop_and_grow(
   drop_scores: jax.Array,
   grow_scores: jax.Array,
   n_drop: jax.Array | int,
+  n_grow: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """One unstructured drop-and-grow on one array, preserving nnz exactly.
+  """One unstructured drop-and-grow on one array (nnz preserved unless ``n_grow`` says).
 
   Drops the ``n_drop`` active entries with the lowest ``drop_scores`` (only active entries
   can be dropped), then grows ``n_drop`` entries with the highest ``grow_scores`` among all
@@ -254,19 +257,26 @@ def drop_and_grow(
     mask: bool array, the current mask.
     drop_scores: scores shaped like ``mask``; higher means more worth keeping.
     grow_scores: scores shaped like ``mask``; higher means more worth growing.
-    n_drop: number of entries to drop (and grow); clipped to ``[0, nnz(mask)]`` (more
-      than nnz cannot be dropped, so the layer never grows).
+    n_drop: number of entries to drop; clipped to ``[0, nnz(mask)]`` (more than nnz
+      cannot be dropped, so the layer never grows).
+    n_grow: number of entries to grow; default ``n_drop`` (nnz preserved, as in RigL). A
+      smaller count shrinks the layer (gradual pruning: ``n_grow=0``; GraNet).
 
   Returns:
-    ``(new_mask, kept)``: the new bool mask (same nnz as ``mask``) and the kept subset of
-    the old mask (``new_mask & ~kept`` are the grown entries, some possibly regrown).
+    ``(new_mask, kept)``: the new bool mask and the kept subset of the old mask
+    (``new_mask & ~kept`` are the grown entries, some possibly regrown).
   """
   _check_count("n_drop", n_drop)
   mask = mask.astype(bool)
   nnz = jnp.sum(mask, dtype=jnp.int32)
   n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
+  if n_grow is None:
+    n_grow = n_drop
+  else:
+    _check_count("n_grow", n_grow)
+    n_grow = jnp.maximum(jnp.asarray(n_grow, jnp.int32), 0)
   kept = topk_mask(drop_scores, nnz - n_drop, candidates=mask)
-  grown = topk_mask(grow_scores, n_drop, candidates=~kept)
+  grown = topk_mask(grow_scores, n_grow, candidates=~kept)
   return kept | grown, kept
 
 

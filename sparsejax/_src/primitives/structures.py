@@ -1,18 +1,20 @@
 """Sparsity structures: which masks are allowed, and how a mask update respects them.
 
-A structure is a small frozen record with four hooks, used by every method:
+A structure is a small frozen record with five hooks, used by every method:
 
 * ``layer_sparsity(layer, requested)``: the sparsity this leaf will actually have, given
   its :class:`~sparsejax.LayerInfo` (validates the shape, e.g. N:M divisibility, constant
   fan-in ≥ 1);
 * ``target_nnz(shape, sparsity)``: the exact number of nonzeros of a mask;
 * ``random_mask(key, shape, sparsity)``: a random initial mask satisfying the structure;
+* ``select(scores, sparsity)``: the best mask of the structure for ``scores`` (one-shot
+  pruning, pruning at initialization);
 * ``drop_and_grow(ctx, drop_scores, grow_scores, n_drop)``: one mask update of the leaf
   described by ``ctx`` (a :class:`~sparsejax.ScoreContext`: mask, weights, gradient,
   target sparsity, position in the model) that keeps the structure exactly; returns the
   new bool mask.
 
-A user-defined structure is any object with these four methods.
+A user-defined structure is any object with these five methods.
 
 Axes follow the Flax layout: the neuron (output) axis is the **last** axis, and the
 contraction ("fan-in") axis is the product of all other axes (Dense ``[in, out]``: axis 0;
@@ -45,6 +47,8 @@ class Structure(Protocol):
 
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array: ...
 
+  def select(self, scores: jax.Array, sparsity: float) -> jax.Array: ...
+
   def drop_and_grow(
     self, ctx: base.ScoreContext, drop_scores: jax.Array, grow_scores: jax.Array, n_drop: Any
   ) -> jax.Array: ...
@@ -73,13 +77,31 @@ class Unstructured:
   def target_nnz(self, shape: Sequence[int], sparsity: float) -> int:
     return base.nnz_for_sparsity(base.shape_size(shape), sparsity)
 
+  def select(self, scores: jax.Array, sparsity: float) -> jax.Array:
+    """The ``target_nnz`` highest scores (index tie-break)."""
+    return selection.topk_mask(scores, self.target_nnz(scores.shape, sparsity))
+
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
-    return selection.topk_mask(_uniform_scores(key, shape), self.target_nnz(shape, sparsity))
+    return self.select(_uniform_scores(key, shape), sparsity)
 
   def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
-    """Layer-wise drop of the lowest ``drop_scores``, growth of the highest ``grow_scores``."""
-    new, _ = selection.drop_and_grow(ctx.mask, drop_scores, grow_scores, n_drop)
+    """Layer-wise drop of the lowest ``drop_scores``, growth of the highest ``grow_scores``.
+
+    Under a sparsity schedule (``ctx.target_nnz``) the mask ends with exactly that many
+    nonzeros: ``nnz - target + n_drop`` are dropped and ``n_drop`` grown.
+    """
+    return _unstructured_update(ctx.mask, drop_scores, grow_scores, n_drop, ctx.target_nnz)
+
+
+def _unstructured_update(mask, drop_scores, grow_scores, n_swap, target):
+  if target is None:
+    new, _ = selection.drop_and_grow(mask, drop_scores, grow_scores, n_swap)
     return new
+  nnz = jnp.sum(mask, dtype=jnp.int32)
+  target = jnp.asarray(target, jnp.int32)
+  n_drop = jnp.clip(nnz - target + n_swap, 0, nnz)
+  new, _ = selection.drop_and_grow(mask, drop_scores, grow_scores, n_drop, target - (nnz - n_drop))
+  return new
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,10 +184,15 @@ class ConstantFanIn:
   def target_nnz(self, shape: Sequence[int], sparsity: float) -> int:
     return self.fan_in(shape, sparsity) * tuple(shape)[-1]
 
+  def select(self, scores: jax.Array, sparsity: float) -> jax.Array:
+    """The ``k`` highest scores of every neuron."""
+    shape = scores.shape
+    flat = scores.reshape(base.fan_in_shape(shape))
+    return selection.topk_mask(flat, self.fan_in(shape, sparsity), axis=0).reshape(shape)
+
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
-    fan_in, n_out = base.fan_in_shape(shape)
-    scores = _uniform_scores(key, (fan_in, n_out))
-    return selection.topk_mask(scores, self.fan_in(shape, sparsity), axis=0).reshape(shape)
+    scores = _uniform_scores(key, base.fan_in_shape(shape))
+    return self.select(scores.reshape(tuple(shape)), sparsity)
 
   def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
     """Layer-wise drop, per-neuron regrowth back to the fan-in (ablation if enabled)."""
@@ -188,6 +215,9 @@ class ConstantFanIn:
       per_neuron = jnp.where(ablated, 0, jnp.int32(budget) // n_active)[None, :]
       drop_scores = jnp.where(ablated[None, :], -jnp.inf, drop_scores)
       cap = True  # k may shrink when a neuron revives: cut over-full neurons.
+    elif ctx.target_nnz is not None:  # a sparsity schedule: k shrinks, cut over-full neurons
+      per_neuron = jnp.asarray(ctx.target_nnz, jnp.int32) // flat[1]
+      cap = True
     else:
       per_neuron = self.fan_in(shape, ctx.sparsity)
       cap = False  # every neuron holds exactly k before the update: none can be over-full
@@ -240,10 +270,15 @@ class NM:
     del sparsity
     return base.shape_size(shape) // self.m * self.n
 
-  def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
+  def select(self, scores: jax.Array, sparsity: float) -> jax.Array:
+    """The ``n`` highest scores of every group of ``m``."""
     del sparsity
+    grouped = scores.reshape(self._grouped(scores.shape))
+    return selection.topk_mask(grouped, self.n, axis=1).reshape(scores.shape)
+
+  def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
     scores = _uniform_scores(key, self._grouped(shape))
-    return selection.topk_mask(scores, self.n, axis=1).reshape(shape)
+    return self.select(scores.reshape(tuple(shape)), sparsity)
 
   def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
     """Layer-wise drop, per-group regrowth back to exactly ``n`` per group."""
@@ -261,7 +296,96 @@ class NM:
     return new.reshape(shape)
 
 
-_BUILTIN = (Unstructured, ConstantFanIn, NM)
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """Block sparsity: ``h × w`` blocks of the kernel's 2-D view, all kept or all pruned.
+
+  The 2-D view is ``[fan_in, n_out]`` (contraction × output; a conv kernel's contraction
+  is ``kh·kw·in``), so ``h`` runs along the contraction axis and ``w`` along the outputs
+  (a PyTorch ``Linear`` block ``(r over out, c over in)`` is ``Block(c, r)`` here). nnz is
+  a whole number of blocks, ``n_blocks - floor(S·n_blocks)``; drop and grow scores are
+  averaged per block (jaxpruner's and TF model-optimization's average pooling), and the
+  update runs on the block grid with the unstructured rule. Blocks must tile the kernel
+  exactly. Reference: Gray, Radford, Kingma 2017 (block-sparse GPU kernels); jaxpruner
+  ``sparsity_types.Block``.
+
+  Attributes:
+    h: block height, along the contraction (fan-in) axis.
+    w: block width, along the output axis.
+  """
+
+  h: int
+  w: int
+
+  def __post_init__(self):
+    base.check_int("h", self.h, minimum=1)
+    base.check_int("w", self.w, minimum=1)
+
+  def _grid(self, shape: Sequence[int]) -> tuple[int, int]:
+    fan_in, n_out = base.fan_in_shape(shape)
+    return fan_in // self.h, n_out // self.w
+
+  def layer_sparsity(self, layer: base.LayerInfo, requested: float) -> float:
+    _needs_kernel(f"Block({self.h}, {self.w})", layer)
+    fan_in, n_out = base.fan_in_shape(layer.shape)
+    if fan_in % self.h or n_out % self.w:
+      raise ValueError(
+        f"structure=Block({self.h}, {self.w}): the block shape does not divide the kernel "
+        f"{layer.path!r} (2-D view [fan_in, n_out] = [{fan_in}, {n_out}]; fan_in must be a "
+        f"multiple of h={self.h} and n_out of w={self.w}). Keep it dense with `exclude=` "
+        "or choose a block shape that tiles it."
+      )
+    if self.target_nnz(layer.shape, requested) == 0:
+      raise ValueError(
+        f"structure=Block({self.h}, {self.w}) at sparsity={requested:.4f} keeps no block "
+        f"of {layer.path!r} ({self._grid(layer.shape)} blocks). Lower its sparsity."
+      )
+    return requested
+
+  def target_nnz(self, shape: Sequence[int], sparsity: float) -> int:
+    rows, cols = self._grid(shape)
+    return base.nnz_for_sparsity(rows * cols, sparsity) * self.h * self.w
+
+  def to_blocks(self, x: jax.Array, reduce: str = "mean") -> jax.Array:
+    """``[.., fan_in, n_out]``-shaped ``x`` → ``[rows, cols]`` per-block mean (or all)."""
+    rows, cols = self._grid(x.shape)
+    tiles = x.reshape(rows, self.h, cols, self.w)
+    if reduce == "all":
+      return jnp.all(tiles, axis=(1, 3))
+    return jnp.mean(tiles.astype(jnp.float32), axis=(1, 3))
+
+  def from_blocks(self, blocks: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """Expands a ``[rows, cols]`` block mask to the kernel's shape."""
+    rows, cols = blocks.shape
+    tiles = jnp.broadcast_to(blocks[:, None, :, None], (rows, self.h, cols, self.w))
+    return tiles.reshape(tuple(shape))
+
+  def select(self, scores: jax.Array, sparsity: float) -> jax.Array:
+    """The blocks with the highest mean score."""
+    rows, cols = self._grid(scores.shape)
+    k = base.nnz_for_sparsity(rows * cols, sparsity)
+    return self.from_blocks(selection.topk_mask(self.to_blocks(scores), k), scores.shape)
+
+  def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
+    grid = self._grid(shape)
+    k = base.nnz_for_sparsity(grid[0] * grid[1], sparsity)
+    return self.from_blocks(selection.topk_mask(_uniform_scores(key, grid), k), shape)
+
+  def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
+    """The unstructured update on the block grid (block-mean scores, counts in blocks)."""
+    size = self.h * self.w
+    target = None if ctx.target_nnz is None else jnp.asarray(ctx.target_nnz, jnp.int32) // size
+    new = _unstructured_update(
+      self.to_blocks(ctx.mask, "all"),
+      self.to_blocks(drop_scores),
+      self.to_blocks(grow_scores),
+      jnp.asarray(n_drop, jnp.int32) // size,
+      target,
+    )
+    return self.from_blocks(new, ctx.mask.shape)
+
+
+_BUILTIN = (Unstructured, ConstantFanIn, NM, Block)
 
 
 def get_structure(structure: str | Structure | None) -> Structure:
@@ -269,7 +393,7 @@ def get_structure(structure: str | Structure | None) -> Structure:
 
   Raises:
     ValueError: for an unknown name or an object that does not implement
-      :class:`Structure` (the four methods of the module docstring).
+      :class:`Structure` (the five methods of the module docstring).
   """
   if structure is None:
     return Unstructured()
@@ -285,11 +409,15 @@ def get_structure(structure: str | Structure | None) -> Structure:
       parts = s.split(":")
       if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
         return NM(int(parts[1]), int(parts[2]))
+    if s.startswith("block:"):
+      dims = s[len("block:") :].split("x")
+      if len(dims) == 2 and dims[0].isdigit() and dims[1].isdigit():
+        return Block(int(dims[0]), int(dims[1]))
   elif isinstance(structure, Structure) and not isinstance(structure, type):
     return structure
   raise ValueError(
     f"Unknown `structure` {structure!r}; allowed: None, 'unstructured', 'fan_in', "
-    "'nm:N:M' (e.g. 'nm:2:4'), sparsejax.Unstructured(), sparsejax.ConstantFanIn(), "
-    "sparsejax.NM(n, m), or an object with layer_sparsity, target_nnz, random_mask and "
-    "drop_and_grow methods."
+    "'nm:N:M' (e.g. 'nm:2:4'), 'block:HxW' (e.g. 'block:4x4'), sparsejax.Unstructured(), "
+    "sparsejax.ConstantFanIn(), sparsejax.NM(n, m), sparsejax.Block(h, w), or an object with layer_sparsity, target_nnz, random_mask, "
+    "select and drop_and_grow methods."
   )

@@ -10,7 +10,7 @@ Data flow of one step (DESIGN.md §2; the pieces are in ``step.py``)::
   grads (dense) ─► mask-update step?  (one lax.cond per sparse leaf on the step count)
                     yes: drop/grow scores → structure.drop_and_grow → flips = new ^ old
                     no:  flips = False
-               ─► inner-optimizer state reset to 0 at newly grown positions
+               ─► inner-optimizer state reset to 0 where a weight was grown or dropped
                ─► grads masked by (mask ∩ previous mask) → inner.update
                ─► updates = where(mask, inner updates, -params); grown: grow_init - params
 
@@ -26,7 +26,6 @@ newly grown weights are set to ``grow_init`` and take no step until the next one
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,39 +37,82 @@ from sparsejax._src import base, tree
 from sparsejax._src.allocation import plan as plan_lib
 from sparsejax._src.criteria import schedules
 from sparsejax._src.criteria import scores as criteria
-from sparsejax._src.transforms import step
+from sparsejax._src.primitives import structures
+from sparsejax._src.transforms import pruning, step
 from sparsejax._src.transforms.state import DynamicSparseState
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class DSTConfig:
-  """Everything static about a DST transformation (built once by :func:`dynamic_sparse`)."""
+  """Everything static about a DST transformation (built once by :func:`dynamic_sparse`).
+
+  ``schedule`` is an :class:`UpdateSchedule` (nnz constant: static, SET, RigL, SRigL) or a
+  :class:`GradualSchedule` (nnz follows a sparsity schedule: gradual pruning, GraNet);
+  ``initial_allocation`` is the allocation at the schedule's initial sparsity.
+  """
 
   inner: optax.GradientTransformationExtraArgs
   allocation: plan_lib.Allocation
-  schedule: schedules.UpdateSchedule
+  schedule: schedules.UpdateSchedule | schedules.GradualSchedule
   drop: criteria.Criterion
   grow: criteria.Criterion
   drop_fraction: optax.Schedule
   grow_init: float
   seed: int
+  initial_allocation: plan_lib.Allocation | None = None
+  init_masks: Any = None
 
-  def rules(self, plan: plan_lib.Plan) -> list[step.LeafRule]:
+  @property
+  def gradual(self) -> bool:
+    return isinstance(self.schedule, schedules.GradualSchedule)
+
+  def initial_plan(self, params: base.Params) -> plan_lib.Plan | None:
+    """The plan at the schedule's initial sparsity (``None``: dense start or no schedule)."""
+    if self.initial_allocation is None:
+      return None
+    return self.initial_allocation.plan(params)
+
+  def _budget(self, leaf: plan_lib.LeafPlan, initial: plan_lib.LeafPlan | None) -> tuple:
+    s0 = (initial.sparsity or 0.0) if initial is not None else 0.0
+    return tuple(
+      self.allocation.structure.target_nnz(leaf.shape, float(s))
+      for s in self.schedule.sparsities(leaf.sparsity, s0)
+    )
+
+  def rules(self, plan: plan_lib.Plan, initial: plan_lib.Plan | None = None) -> list[step.LeafRule]:
     """The static mask-update rule of every sparse leaf of ``plan``."""
-    return [
-      step.LeafRule(
-        index=i,
-        path=leaf.path,
-        sparsity=leaf.sparsity,
-        layer=leaf.layer,
-        drop=self.drop,
-        grow=self.grow,
-        drop_fraction=self.drop_fraction,
-        structure=self.allocation.structure,
+    rules = []
+    for i, leaf in enumerate(plan.leaves):
+      if leaf.sparsity is None:
+        continue
+      budget = None
+      if self.gradual and not self.allocation.is_global:
+        budget = self._budget(leaf, None if initial is None else initial.leaves[i])
+      rules.append(
+        step.LeafRule(
+          index=i,
+          path=leaf.path,
+          sparsity=leaf.sparsity,
+          layer=leaf.layer,
+          drop=self.drop,
+          grow=self.grow,
+          drop_fraction=self.drop_fraction,
+          structure=self.allocation.structure,
+          budget=budget,
+          budget_index=self.schedule.index if budget is not None else None,
+        )
       )
-      for i, leaf in enumerate(plan.leaves)
-      if leaf.sparsity is not None
-    ]
+    return rules
+
+  def global_total(self, plan: plan_lib.Plan) -> Any:
+    """``count -> total nnz`` of the pooled layers under a global sparsity schedule."""
+    size = sum(base.shape_size(leaf.shape) for leaf in plan.leaves if leaf.sparsity is not None)
+    s0 = self.initial_allocation.sparsity if self.initial_allocation is not None else 0.0
+    table = tuple(
+      base.nnz_for_sparsity(size, float(s))
+      for s in self.schedule.sparsities(self.allocation.sparsity, s0)
+    )
+    return lambda count: jnp.asarray(table, jnp.int32)[self.schedule.index(count)]
 
 
 class SparseTransformation(optax.GradientTransformationExtraArgs):
@@ -83,28 +125,6 @@ class SparseTransformation(optax.GradientTransformationExtraArgs):
   def plan(self, params: base.Params) -> plan_lib.Plan:
     """The allocation of ``params`` (per leaf: sparsity, position in the model, role)."""
     return self.init.allocation.plan(params)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _random_mask(structure, key, shape, sparsity):
-  return structure.random_mask(key, shape, sparsity)
-
-
-def _initial_masks(config: DSTConfig, params: base.Params) -> Any:
-  plan = config.allocation.plan(params)
-  paths, leaves, treedef = plan_lib.flatten_params(params)
-  key = jax.random.PRNGKey(config.seed)
-  masks = []
-  for i, (leaf, leaf_plan) in enumerate(zip(leaves, plan.leaves, strict=True)):
-    if leaf_plan.sparsity is None:
-      masks.append(optax.MaskedNode())
-    else:
-      shape = tuple(leaf.shape)
-      mask = _random_mask(
-        config.allocation.structure, jax.random.fold_in(key, i), shape, leaf_plan.sparsity
-      )
-      masks.append(base.reshard_like(mask, leaf))  # Explicit meshes: shard like the param
-  return jax.tree.unflatten(treedef, masks)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -122,7 +142,13 @@ class _Init:
       # where the param-shaped trees are (the masks and the inner state's).
       masks = params
     else:
-      masks = _initial_masks(config, params)
+      masks = pruning.initial_masks(
+        config.allocation,
+        params,
+        config.init_masks,
+        seed=config.seed,
+        initial_alloc=config.initial_allocation,
+      )
     return DynamicSparseState(
       count=jnp.zeros([], jnp.int32),
       key=jax.random.PRNGKey(config.seed),
@@ -194,7 +220,7 @@ class _Update:
     config = self.config
     paths, grads, treedef, param_leaves, mask_leaves = _check_update_args(updates, state, params)
     plan = config.allocation.plan(params)
-    rules = config.rules(plan)
+    rules = config.rules(plan, config.initial_plan(params))
     sparse = {r.index for r in rules}
     for i, m in enumerate(mask_leaves):
       if (i in sparse) != (not tree.is_masked_node(m)) or (
@@ -215,19 +241,17 @@ class _Update:
     grad_masks, grown, skipped = masks, [None] * len(masks), state.skipped_updates
     if config.schedule.update_every is not None:
       moments = step.inner_moments(config.inner, inner_state, len(grads), treedef)
-      flips, finite = step.mask_update_flips(
-        rules,
-        config.schedule.is_update(count),
-        count,
-        state.key,
-        param_leaves,
-        grads,
-        mask_leaves,
-        moments,
-      )
+      do_update = config.schedule.is_update(count)
+      operands = (count, state.key, param_leaves, grads, mask_leaves, moments)
+      targets = None
+      if config.gradual and config.allocation.is_global:
+        targets = step.global_targets(
+          rules, do_update, *operands, config.global_total(plan), pruning.global_counts
+        )
+      flips, finite = step.mask_update_flips(rules, do_update, *operands, targets)
       skipped = skipped + (~finite).astype(jnp.int32)
-      masks, grown, grad_masks = step.apply_flips(masks, flips, finite)
-      inner_state = step.reset_inner_state(config.inner, inner_state, grown, treedef)
+      masks, grown, grad_masks, changed = step.apply_flips(masks, flips, finite)
+      inner_state = step.reset_inner_state(config.inner, inner_state, changed, treedef)
     inner_updates, inner_state = step.masked_inner_update(
       config.inner, grads, grad_masks, inner_state, params, treedef, extra_args
     )
@@ -265,6 +289,10 @@ def dynamic_sparse(
   last_layer: str | None = None,
   overrides: Mapping[str, float] | None = None,
   erk_power_scale: float = 1.0,
+  initial_sparsity: float | None = None,
+  power: float = 3.0,
+  regrow_end_step: int | None = None,
+  init_masks: Any = None,
 ) -> SparseTransformation:
   """Wraps ``inner`` into a dynamic sparse training transformation.
 
@@ -274,6 +302,15 @@ def dynamic_sparse(
   nnz (and the ``structure``) exactly. See the module docstring for the precise
   conventions. References: SET (Mocanu et al. 2018, https://arxiv.org/abs/1707.04780),
   RigL (Evci et al. 2020, https://arxiv.org/abs/1911.11134).
+
+  With ``initial_sparsity`` set, nnz follows a *sparsity schedule* instead of staying
+  constant (gradual magnitude pruning, Zhu & Gupta 2017, arXiv:1710.01878; GraNet, Liu et
+  al. 2021, arXiv:2106.10404): masks update at ``start_step`` and every ``update_every``
+  steps up to ``end_step`` (and at ``end_step``), each layer going to
+  ``s_t = s_f + (s_i - s_f)(1 - (t - t0)/(t_end - t0))^power`` (``s_i`` capped at the
+  layer's ``s_f``); an update drops ``nnz - target + n_swap`` weights and grows
+  ``n_swap = floor(target · drop_fraction)`` (0 for pure pruning), so masks only shrink
+  by the schedule while the topology can keep exploring.
 
   Usage::
 
@@ -311,6 +348,19 @@ def dynamic_sparse(
     last_layer: regex matching the model's last (output) layer.
     overrides: ``{regex: sparsity}`` per-layer overrides.
     erk_power_scale: ERK exponent.
+    initial_sparsity: ``s_i`` of a sparsity schedule (``None``: nnz constant); at most
+      ``sparsity``; per layer it is the distribution's allocation at ``s_i``.
+    power: exponent of the sparsity schedule (3: Zhu & Gupta's cubic), ``> 0``.
+    regrow_end_step: under a sparsity schedule, the last step of mask updates (regrowth
+      continues at the final sparsity after ``end_step``, as in GraNet); default
+      ``end_step``. The drop fraction's cosine ends there.
+    init_masks: the masks to start from: ``None`` (default: random masks of the
+      structure at the planned sparsity; under a sparsity schedule, all-True masks when
+      ``initial_sparsity`` is 0, else random at it), ``"random"``, ``"dense"``, a masks
+      pytree like :func:`sparsejax.get_masks`'s (e.g. from :func:`sparsejax.prune`:
+      "SNIP + static" is ``init_masks=sj.prune(params, criterion="snip", grads=g, ...)``),
+      or a function ``params -> masks``. With ``distribution="global"`` the default is one
+      global ranking of the initial ``|w|``.
 
   Returns:
     A :class:`SparseTransformation` (an ``optax.GradientTransformationExtraArgs``) whose
@@ -322,37 +372,100 @@ def dynamic_sparse(
   """
   if not hasattr(inner, "init") or not hasattr(inner, "update"):
     raise TypeError(f"`inner` must be an optax.GradientTransformation, got {inner!r}.")
-  schedule = schedules.UpdateSchedule(
-    update_every, base.check_int("start_step", start_step), end_step
-  )
-  schedules.warn_if_never_updates(schedule)
+  start_step = base.check_int("start_step", start_step, minimum=0)
+  if initial_sparsity is None:
+    schedule = schedules.UpdateSchedule(update_every, start_step, end_step)
+    schedules.warn_if_never_updates(schedule)
+    fraction_end = end_step
+  else:
+    schedule = _gradual_schedule(
+      sparsity, initial_sparsity, update_every, start_step, end_step, power, regrow_end_step
+    )
+    fraction_end = schedule.last_update
   drop_fraction_fn = schedules.drop_fraction_schedule(
-    drop_fraction, decay=drop_fraction_decay, start_step=start_step, end_step=end_step
+    drop_fraction, decay=drop_fraction_decay, start_step=start_step, end_step=fraction_end
   )
   if callable(drop_fraction):
     schedules.check_drop_fraction_schedule(drop_fraction, schedule.update_steps())
   if isinstance(grow_init, bool) or not isinstance(grow_init, int | float):
     raise TypeError(f"`grow_init` must be a float, got {grow_init!r}.")
+  _check_init_masks_arg(init_masks)
+  allocation = dict(
+    distribution=distribution,
+    structure=structure,
+    include=include,
+    exclude=exclude,
+    keep_first_dense=keep_first_dense,
+    keep_last_dense=keep_last_dense,
+    first_layer=first_layer,
+    last_layer=last_layer,
+    overrides=overrides,
+    erk_power_scale=erk_power_scale,
+  )
+  final = plan_lib.Allocation(sparsity=sparsity, **allocation)
+  initial = None
+  if initial_sparsity:
+    initial = plan_lib.Allocation(sparsity=initial_sparsity, **allocation)
+  if initial_sparsity is not None:
+    _check_schedulable(final)
   config = DSTConfig(
     inner=optax.with_extra_args_support(inner),
-    allocation=plan_lib.Allocation(
-      sparsity=sparsity,
-      distribution=distribution,
-      structure=structure,
-      include=include,
-      exclude=exclude,
-      keep_first_dense=keep_first_dense,
-      keep_last_dense=keep_last_dense,
-      first_layer=first_layer,
-      last_layer=last_layer,
-      overrides=overrides,
-      erk_power_scale=erk_power_scale,
-    ),
+    allocation=final,
     schedule=schedule,
     drop=criteria.get_criterion(drop, argname="drop"),
     grow=criteria.get_criterion(grow, argname="grow"),
     drop_fraction=drop_fraction_fn,
     grow_init=float(grow_init),
     seed=base.check_int("seed", seed),
+    initial_allocation=initial,
+    init_masks=_default_init(init_masks, initial_sparsity),
   )
   return SparseTransformation(_Init(config), _Update(config))
+
+
+def _gradual_schedule(
+  sparsity, initial_sparsity, update_every, start_step, end_step, power, regrow_end_step
+):
+  if update_every is None or end_step is None:
+    raise ValueError(
+      "a sparsity schedule (`initial_sparsity`) needs `update_every` and `end_step` (the last "
+      "pruning step)."
+    )
+  schedule = schedules.GradualSchedule(
+    start_step, end_step, update_every, initial_sparsity, power, regrow_end_step
+  )
+  if sparsity is not None and initial_sparsity > sparsity:
+    raise ValueError(
+      f"`initial_sparsity`={initial_sparsity} is above the final `sparsity`={sparsity}: a "
+      "sparsity schedule only prunes (masks only shrink)."
+    )
+  return schedule
+
+
+def _check_schedulable(allocation: plan_lib.Allocation) -> None:
+  structure = allocation.structure
+  if isinstance(structure, structures.NM):
+    raise ValueError(
+      f"structure=NM({structure.n}, {structure.m}) has a fixed sparsity 1 - n/m, so it cannot "
+      "follow a sparsity schedule; for N:M from scratch with a schedule over N use "
+      "sparsejax.nm_sr_ste with structure_decay (SDGF)."
+    )
+  if isinstance(structure, structures.ConstantFanIn) and structure.gamma_sal is not None:
+    raise ValueError(
+      "SRigL's neuron ablation (ConstantFanIn(gamma_sal=...)) does not combine with a sparsity "
+      "schedule; use ConstantFanIn() (constant fan-in that shrinks with the schedule)."
+    )
+
+
+def _check_init_masks_arg(init_masks: Any) -> None:
+  if isinstance(init_masks, str) and init_masks not in ("random", "dense"):
+    raise ValueError(
+      f"`init_masks` must be 'random', 'dense', a masks pytree or a function params -> masks, "
+      f"got {init_masks!r}."
+    )
+
+
+def _default_init(init_masks: Any, initial_sparsity: float | None) -> Any:
+  if init_masks is None and initial_sparsity is not None and not initial_sparsity:
+    return "dense"  # dense-to-sparse: every weight active until the first pruning step
+  return init_masks

@@ -128,3 +128,134 @@ def srigl(
   kwargs.setdefault("drop", "magnitude")
   kwargs.setdefault("grow", "gradient")
   return dynamic_sparse(inner, sparsity=sparsity, structure=structure, **kwargs)
+
+
+def gmp(
+  inner: optax.GradientTransformation,
+  *,
+  sparsity: float,
+  start_step: int = 0,
+  end_step: int,
+  update_every: int = 100,
+  initial_sparsity: float = 0.0,
+  power: float = 3.0,
+  distribution: Any = "erk",
+  structure: Any = None,
+  **kwargs: Any,
+) -> SparseTransformation:
+  """Gradual magnitude pruning (Zhu & Gupta 2017, https://arxiv.org/abs/1710.01878).
+
+  Starts dense (all-True masks; or at ``initial_sparsity``, reached by magnitude at
+  ``start_step``) and prunes every ``update_every`` steps from ``start_step`` to
+  ``end_step`` (and at ``end_step``) by ``|w|`` so that each layer's sparsity follows
+  ``s_t = s_f + (s_i − s_f)·(1 − (t − t0)/(t_end − t0))^power`` (see
+  :func:`sparsejax.gradual_sparsity`), then holds. Pruned weights are exactly 0 and their
+  inner-optimizer state is never updated again; masks only shrink; each layer ends exactly
+  at its target nnz. Same transformation, state and readers as every other method
+  (``dynamic_sparse`` with a sparsity schedule and no regrowth).
+
+  Departures from the reference implementations (ALGORITHMS_BASELINES.md §1): exact top-k
+  counts (not a histogram threshold), ``end_step`` is always a pruning step, pruning runs
+  before the inner update of that step (jaxpruner's order), and pruned weights stay 0
+  (they cannot come back, unlike TF's raw-variable masking).
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity: final sparsity ``s_f`` over the sparse layers (per layer by ``distribution``).
+    start_step: ``t0``, the first pruning step.
+    end_step: ``t_end``, the last pruning step.
+    update_every: ΔT between pruning steps.
+    initial_sparsity: ``s_i`` (0: dense start).
+    power: the schedule's exponent (3), ``> 0``.
+    distribution: per-layer final sparsities (``"erk"``, ``"uniform"``, ``"global"``: one
+      magnitude threshold across layers at every pruning step, ...).
+    structure: unstructured (default), ``ConstantFanIn()`` (k shrinks with the schedule)
+      or ``Block(h, w)``; N:M has a fixed sparsity and is refused.
+    **kwargs: the other keywords of :func:`dynamic_sparse` (allocation, ``seed``, ...).
+  """
+  _no_criteria("gmp", kwargs)
+  return dynamic_sparse(
+    inner,
+    sparsity=sparsity,
+    start_step=start_step,
+    end_step=end_step,
+    update_every=update_every,
+    initial_sparsity=initial_sparsity,
+    power=power,
+    distribution=distribution,
+    structure=structure,
+    drop="magnitude",
+    grow="magnitude",  # unused: nothing grows (drop_fraction 0)
+    drop_fraction=0.0,
+    drop_fraction_decay="constant",
+    init_masks=kwargs.pop("init_masks", "dense"),
+    **kwargs,
+  )
+
+
+def granet(
+  inner: optax.GradientTransformation,
+  *,
+  sparsity: float,
+  start_step: int = 0,
+  end_step: int,
+  update_every: int = 100,
+  initial_sparsity: float = 0.0,
+  power: float = 3.0,
+  drop_fraction: float | optax.Schedule = 0.3,
+  grow: Any = "gradient",
+  **kwargs: Any,
+) -> SparseTransformation:
+  """GraNet: gradual magnitude pruning plus zero-cost neuroregeneration (Liu et al. 2021).
+
+  Reference: "Sparse Training via Boosting Pruning Plasticity with Neuroregeneration",
+  https://arxiv.org/abs/2106.10404 (VITA-Group/GraNet ``Masking.pruning`` +
+  ``truncate_weights``). At every update the layer is pruned to the schedule's target by
+  ``|w|`` and, on top, ``floor(target · drop_fraction)`` more weights are dropped and as
+  many regrown by ``|dense gradient|`` (the gradient already computed: "zero cost"), so
+  nnz follows :func:`sparsejax.gradual_sparsity` while the topology keeps exploring. The
+  drop fraction decays with a cosine to 0 at ``regrow_end_step`` (default ``end_step``;
+  GraNet continues regrowth to the end of training: pass ``regrow_end_step=total_steps``).
+  Dense start by default (``initial_sparsity=0``); with ``initial_sparsity > 0`` it starts
+  from a random mask at that sparsity (GraNet's sparse-to-sparse variant).
+
+  Departures: per-layer drop counts use ``floor`` (GraNet: ``ceil``); the GMP part and the
+  regeneration are one drop by ``|w|`` (equivalent: both remove the lowest magnitudes).
+
+  Args:
+    inner: the optimizer to wrap.
+    sparsity: final sparsity.
+    start_step: first pruning step.
+    end_step: last pruning step.
+    update_every: ΔT.
+    initial_sparsity: ``s_i``.
+    power: the schedule's exponent.
+    drop_fraction: regeneration fraction (GraNet's death rate), or a schedule.
+    grow: grow criterion (``"gradient"``: GraNet's gradient regrowth).
+    **kwargs: the other keywords of :func:`dynamic_sparse` (``distribution="global"`` for
+      GraNet's global pruning, ``regrow_end_step``, ``structure``, ...).
+  """
+  kwargs.setdefault("drop", "magnitude")
+  return dynamic_sparse(
+    inner,
+    sparsity=sparsity,
+    start_step=start_step,
+    end_step=end_step,
+    update_every=update_every,
+    initial_sparsity=initial_sparsity,
+    power=power,
+    drop_fraction=drop_fraction,
+    grow=grow,
+    **kwargs,
+  )
+
+
+def _no_criteria(method: str, kwargs: dict[str, Any]) -> None:
+  fixed = sorted(
+    {"drop", "grow", "drop_fraction", "drop_fraction_decay", "grow_init"} & set(kwargs)
+  )
+  if fixed:
+    raise TypeError(
+      f"{method} does not take {fixed}: it prunes by magnitude and grows nothing. Use "
+      "sparsejax.granet (pruning plus regrowth) or dynamic_sparse(initial_sparsity=...)."
+    )

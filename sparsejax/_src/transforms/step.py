@@ -3,8 +3,8 @@
 ``dynamic_sparse``'s ``update`` is these functions in order::
 
   flips, finite = mask_update_flips(...)     # one lax.cond per sparse leaf: bool new ^ old
-  masks, grown, kept = apply_flips(...)      # new = old ^ flips (NaN/inf: no flips at all)
-  inner_state = reset_inner_state(...)       # inner-optimizer state 0 at grown positions
+  masks, grown, kept, changed = apply_flips(...)  # new = old ^ flips (NaN/inf: no flips)
+  inner_state = reset_inner_state(...)       # inner-optimizer state 0 where a mask changed
   updates, inner_state = masked_inner_update(...)  # inner optimizer on kept-masked grads
   updates = keep_sparse(...)                 # pruned weights stay exactly 0
 
@@ -44,6 +44,9 @@ class LeafRule:
     grow: grow criterion ``ctx -> scores`` (higher is grown).
     drop_fraction: schedule ``count -> fraction`` of active weights swapped.
     structure: the sparsity structure (its ``drop_and_grow`` makes the new mask).
+    budget: under a sparsity schedule, the leaf's target nnz at each pruning step (a
+      static table), else ``None`` (nnz preserved).
+    budget_index: ``count -> index`` into ``budget``.
   """
 
   index: int
@@ -54,6 +57,14 @@ class LeafRule:
   grow: Callable[[base.ScoreContext], jax.Array]
   drop_fraction: Callable[[Any], jax.Array]
   structure: Any
+  budget: tuple[int, ...] | None = None
+  budget_index: Callable[[Any], jax.Array] | None = None
+
+  def target(self, count) -> jax.Array | None:
+    """The target nnz at step ``count`` (``None`` without a sparsity schedule)."""
+    if self.budget is None:
+      return None
+    return jnp.asarray(self.budget, jnp.int32)[self.budget_index(count)]
 
 
 def inner_moments(inner, inner_state, n_leaves: int, treedef) -> list[tuple[jax.Array, ...]]:
@@ -75,25 +86,75 @@ def inner_moments(inner, inner_state, n_leaves: int, treedef) -> list[tuple[jax.
   return [tuple(c) for c in collected]
 
 
-def reset_inner_state(inner, inner_state, grown: Sequence[Any], treedef):
-  """Sets every param-shaped inner-state entry to 0 where ``grown`` is True."""
-  grown_tree = jax.tree.unflatten(treedef, [False if g is None else g for g in grown])
+def reset_inner_state(inner, inner_state, where: Sequence[Any], treedef):
+  """Sets every param-shaped inner-state entry to 0 where ``where`` is True.
 
-  def reset(value, grown_leaf):
-    if grown_leaf is False or tree.is_masked_node(value) or not hasattr(value, "shape"):
+  Called with the positions whose mask changed (grown or dropped), so the inner state is
+  0 at every inactive position and a regrown weight starts from a fresh state.
+  """
+  where_tree = jax.tree.unflatten(treedef, [False if w is None else w for w in where])
+
+  def reset(value, where_leaf):
+    if where_leaf is False or tree.is_masked_node(value) or not hasattr(value, "shape"):
       return value
-    return jnp.where(grown_leaf, jnp.zeros_like(value), value)
+    return jnp.where(where_leaf, jnp.zeros_like(value), value)
 
   return optax.tree_utils.tree_map_params(
-    inner, reset, inner_state, grown_tree, is_leaf=tree.is_masked_node
+    inner, reset, inner_state, where_tree, is_leaf=tree.is_masked_node
   )
 
 
-def leaf_flips(rule: LeafRule, count, key, param, grad, mask, moments):
+def _context(rule: LeafRule, count, key, param, grad, mask, moments, target=None):
+  """The leaf's drop-criterion context, and the key of its grow criterion."""
+  drop_key, grow_key = jax.random.split(
+    jax.random.fold_in(jax.random.fold_in(key, count), rule.index)
+  )
+  ctx = base.ScoreContext(
+    param=param,
+    grad=grad,
+    mask=mask,
+    key=drop_key,
+    step=count,
+    path=rule.path,
+    inner_moments=moments,
+    sparsity=rule.sparsity,
+    layer=rule.layer,
+    target_nnz=rule.target(count) if target is None else target,
+  )
+  return ctx, grow_key
+
+
+def global_targets(rules, do_update, count, key, params, grads, masks, moments, total, counts_fn):
+  """Per-leaf nnz targets of a *global* sparsity schedule (one ``lax.cond``).
+
+  On update steps, the ``total(count)`` highest drop scores over all pooled layers (active
+  weights only: masks only shrink) are counted per layer (``counts_fn``, see
+  ``pruning.global_counts``); other steps return zeros, which no leaf reads.
+
+  Returns:
+    ``{leaf index: int32 target}``.
+  """
+
+  def compute():
+    scores, cands = [], []
+    for rule in rules:
+      i = rule.index
+      ctx, _ = _context(rule, count, key, params[i], grads[i], masks[i], moments[i], target=0)
+      scores.append(rule.drop(ctx))
+      cands.append(masks[i])
+    return counts_fn(scores, cands, total(count))
+
+  counts = lax.cond(do_update, compute, lambda: jnp.zeros((len(rules),), jnp.int32))
+  return {rule.index: counts[j] for j, rule in enumerate(rules)}
+
+
+def leaf_flips(rule: LeafRule, count, key, param, grad, mask, moments, target=None):
   """One leaf's mask update as flips (``new ^ old``), and whether its inputs were finite.
 
   Runs inside the conditional, only on mask-update steps; every array it reads is an
   argument (Explicit meshes convert arguments, not closed-over values, to Auto axes).
+  ``target`` is the leaf's nnz after the update under a global sparsity schedule (else
+  the rule's own table, or none: nnz preserved).
   """
   drop_key, grow_key = jax.random.split(
     jax.random.fold_in(jax.random.fold_in(key, count), rule.index)
@@ -108,6 +169,7 @@ def leaf_flips(rule: LeafRule, count, key, param, grad, mask, moments):
     inner_moments=moments,
     sparsity=rule.sparsity,
     layer=rule.layer,
+    target_nnz=rule.target(count) if target is None else target,
   )
   drop_scores = rule.drop(ctx)
   grow_scores = rule.grow(ctx._replace(key=grow_key))
@@ -120,21 +182,22 @@ def leaf_flips(rule: LeafRule, count, key, param, grad, mask, moments):
   finite = jnp.ones([], bool)
   for x in (drop_scores, grow_scores, grad, param):
     finite = finite & jnp.all(jnp.isfinite(x))
-  nnz = jnp.sum(mask, dtype=jnp.int32)
+  # Swapped weights: a fraction of the active ones (or of the target under a schedule).
+  nnz = jnp.sum(mask, dtype=jnp.int32) if ctx.target_nnz is None else ctx.target_nnz
   fraction = jnp.clip(jnp.asarray(rule.drop_fraction(count), jnp.float32), 0.0, 1.0)
   n_drop = jnp.floor(nnz.astype(jnp.float32) * fraction).astype(jnp.int32)
   new = rule.structure.drop_and_grow(ctx, drop_scores, grow_scores, n_drop)
   return new ^ mask, finite
 
 
-def _update_branch(rule: LeafRule, count, key, param, grad, mask, moments):
+def _update_branch(rule: LeafRule, count, key, param, grad, mask, moments, target):
   fn = functools.partial(leaf_flips, rule)
   spec = base.explicit_sharding_spec(mask)
   if spec is not None:
     # Explicit axes: selections flatten and scatter, which Explicit types reject; run the
     # selection with the compiler choosing shardings, and give the flips the mask's.
     fn = jax.sharding.auto_axes(fn, out_sharding=(spec, jax.sharding.PartitionSpec()))
-  return fn(count, key, param, grad, mask, moments)
+  return fn(count, key, param, grad, mask, moments, target)
 
 
 def mask_update_flips(
@@ -146,8 +209,11 @@ def mask_update_flips(
   grads: Sequence[jax.Array],
   masks: Sequence[Any],
   moments: Sequence[tuple[jax.Array, ...]],
+  targets: dict[int, jax.Array] | None = None,
 ) -> tuple[dict[int, jax.Array], jax.Array]:
   """Every sparse leaf's flips (one ``lax.cond`` each) and whether all inputs were finite.
+
+  ``targets``: per-leaf nnz after the update, when a global sparsity schedule decided them.
 
   Returns:
     ``({leaf index: bool flips}, all_finite)``; the flips are all False on other steps.
@@ -156,7 +222,8 @@ def mask_update_flips(
   all_finite = jnp.ones([], bool)
   for rule in rules:
     i = rule.index
-    operands = (count, key, params[i], grads[i], masks[i], moments[i])
+    target = None if targets is None else targets[i]
+    operands = (count, key, params[i], grads[i], masks[i], moments[i], target)
     flips[i], finite = lax.cond(
       do_update,
       lambda r=rule, ops=operands: _update_branch(r, *ops),
@@ -167,32 +234,46 @@ def mask_update_flips(
 
 
 def apply_flips(masks: Sequence[Any], flips: dict[int, jax.Array], all_finite: jax.Array):
-  """New masks, grown positions and kept positions from the flips.
+  """New masks, grown, kept and changed positions from the flips.
 
   NaN/inf anywhere: every mask stays unchanged (the caller counts a skipped update). The
   old masks are read only by ``old ^ flips``, so the new masks are written in place.
 
   Returns:
-    ``(new_masks, grown, kept)`` lists over all leaves; ``grown`` (``new & ~old``) and
-    ``kept`` (``new & old``) are None for dense leaves.
+    ``(new_masks, grown, kept, changed)`` lists over all leaves; ``grown`` (``new &
+    ~old``), ``kept`` (``new & old``) and ``changed`` (``new ^ old``) are None for dense
+    leaves.
   """
-  new_masks, grown, kept = list(masks), [None] * len(masks), [None] * len(masks)
+  n = len(masks)
+  new_masks, grown, kept, changed = list(masks), [None] * n, [None] * n, [None] * n
   for i, leaf_flips_ in flips.items():
     flip = leaf_flips_ & all_finite
     new = masks[i] ^ flip
     new_masks[i] = new
     grown[i] = new & flip
     kept[i] = new & ~flip  # == old & new
-  return new_masks, grown, kept
+    changed[i] = flip
+  return new_masks, grown, kept, changed
 
 
 def masked_inner_update(inner, grads, grad_masks, inner_state, params, treedef, extra_args):
-  """The inner optimizer's update on gradients masked to the weights that take a step."""
-  masked = [
-    g if m is None else jnp.where(m, g, jnp.zeros_like(g))
-    for g, m in zip(grads, grad_masks, strict=True)
-  ]
-  return inner.update(jax.tree.unflatten(treedef, masked), inner_state, params, **extra_args)
+  """The inner optimizer's update on the weights that take a step (``grad_masks``).
+
+  Both the gradients and the params it sees are masked, so its state stays 0 at inactive
+  positions also when it reads the params (weight decay inside the inner optimizer would
+  otherwise write ``wd · w`` of a just-pruned weight into its momentum).
+  """
+  param_leaves = treedef.flatten_up_to(params)
+  masked_grads, masked_params = [], []
+  for g, p, m in zip(grads, param_leaves, grad_masks, strict=True):
+    masked_grads.append(g if m is None else jnp.where(m, g, jnp.zeros_like(g)))
+    masked_params.append(p if m is None else jnp.where(m, p, jnp.zeros_like(p)))
+  return inner.update(
+    jax.tree.unflatten(treedef, masked_grads),
+    inner_state,
+    jax.tree.unflatten(treedef, masked_params),
+    **extra_args,
+  )
 
 
 def keep_sparse(inner_updates, params, active, grown, grow_init: float, treedef):

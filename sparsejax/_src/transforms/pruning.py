@@ -1,0 +1,293 @@
+"""Masks from scores: one-shot pruning, pruning at initialization, global budgets.
+
+:func:`prune` turns params (and, for saliency criteria, one batch's gradients) into masks
+for a sparsity, a criterion and a distribution: SNIP (Lee et al. 2019, arXiv:1810.02340)
+is ``criterion="snip"`` with one batch's gradients at initialization; one-shot magnitude
+pruning is ``criterion="magnitude"`` on trained weights. Every method takes such masks as
+``init_masks=`` (e.g. "SNIP + static" of RigL's Table 1).
+
+:func:`global_counts` is the cross-layer ranking behind ``distribution="global"``: one
+threshold over the scores of all pooled layers, returned as a per-layer count.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sparsejax._src import base, tree
+from sparsejax._src.allocation import plan as plan_lib
+from sparsejax._src.criteria import scores as criteria
+from sparsejax._src.primitives import selection, structures
+
+# Criteria that read the gradient: prune() needs `grads` for them.
+_NEEDS_GRADS = frozenset({"snip", "gradient", "gradient_magnitude"})
+
+
+def global_counts(
+  scores: Sequence[jax.Array], candidates: Sequence[jax.Array | None], total: Any
+) -> jax.Array:
+  """Per-layer counts of the ``total`` highest scores ranked across all layers together.
+
+  Ties break by layer order, then index. Every layer keeps at least one weight (a layer
+  pruned to nothing disconnects the network: SynFlow's "layer collapse"), taken from the
+  rest of the budget.
+
+  Args:
+    scores: one score array per pooled layer.
+    candidates: optional bool array per layer (only those entries may be counted).
+    total: the number of weights to keep over all layers (int or traced int32).
+
+  Returns:
+    int32 ``[n_layers]`` counts summing to ``total`` (clipped to the candidates).
+  """
+  flat = jnp.concatenate([s.reshape(-1).astype(jnp.float32) for s in scores])
+  cands = None
+  if any(c is not None for c in candidates):
+    cands = jnp.concatenate(
+      [
+        (jnp.ones(s.size, bool) if c is None else c.reshape(-1))
+        for s, c in zip(scores, candidates, strict=True)
+      ]
+    )
+  floor = len(scores)
+  keep = selection.topk_mask(flat, jnp.asarray(total, jnp.int32) - floor, candidates=cands)
+  sizes = np.cumsum([0] + [s.size for s in scores])
+  counts = jnp.stack(
+    [jnp.sum(keep[a:b], dtype=jnp.int32) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+  )
+  return counts + 1  # the per-layer floor of one weight
+
+
+def _criterion_fn(criterion: str | Callable, grads: Any) -> Callable:
+  fn = criteria.get_criterion(criterion, argname="criterion")
+  if grads is None and isinstance(criterion, str) and criterion in _NEEDS_GRADS:
+    raise ValueError(
+      f"criterion={criterion!r} scores with the gradient: pass `grads` (e.g. one batch's "
+      "gradient at initialization for SNIP)."
+    )
+  return fn
+
+
+def prune(
+  params: base.Params,
+  *,
+  sparsity: float,
+  criterion: str | Callable[[base.ScoreContext], jax.Array] = "magnitude",
+  grads: base.Params | None = None,
+  distribution: str | Callable = "erk",
+  structure: Any = None,
+  seed: int = 0,
+  **allocation: Any,
+) -> Any:
+  """Masks that keep the highest-scoring weights: one-shot pruning and pruning at init.
+
+  Args:
+    params: the params pytree (arrays).
+    sparsity: target fraction of zeros over the sparse leaves, in [0, 1).
+    criterion: ``"magnitude"`` (``|w|``), ``"random"``, ``"snip"`` (``|g ⊙ w|``, Lee et al.
+      2019: needs ``grads``), any registered criterion name, or a function ``ctx ->
+      scores`` (``ctx.grad`` is ``None`` without ``grads``).
+    grads: gradients shaped like ``params`` (one batch's, for SNIP).
+    distribution: ``"erk"``, ``"uniform"``, ``"erdos_renyi"``, ``"global"`` (one ranking
+      across layers), or a function.
+    structure: any structure (``"fan_in"``, ``"nm:2:4"``, ``"block:4x4"``, ...): the mask
+      is the structure's best mask for the scores.
+    seed: seed of ``criterion="random"``.
+    **allocation: the other allocation keywords of :func:`sparsejax.dynamic_sparse`
+      (``include``, ``exclude``, ``keep_first_dense``, ``keep_last_dense``,
+      ``first_layer``, ``last_layer``, ``overrides``, ``erk_power_scale``).
+
+  Returns:
+    A masks pytree shaped like :func:`sparsejax.get_masks`'s: a bool array per sparse leaf,
+    ``None`` for dense leaves.
+
+  Raises:
+    ValueError / TypeError: an unknown criterion, a saliency criterion without ``grads``,
+      ``grads`` of another structure, and the allocation errors of ``dynamic_sparse``.
+
+  Example:
+    >>> masks = sj.prune(params, sparsity=0.9, criterion="snip", grads=grads)
+    >>> tx = sj.static_sparse(optax.sgd(0.1), sparsity=0.9, init_masks=masks)
+  """
+  alloc = plan_lib.Allocation(
+    sparsity=sparsity, distribution=distribution, structure=structure, **allocation
+  )
+  return masks_from_scores(alloc, params, _criterion_fn(criterion, grads), grads, seed)
+
+
+def masks_from_scores(
+  alloc: plan_lib.Allocation, params: Any, criterion: Callable, grads: Any, seed: int
+) -> Any:
+  """Scores every sparse leaf with ``criterion`` and keeps the best mask of the structure."""
+  plan = alloc.plan(params)
+  paths, leaves, treedef = plan_lib.flatten_params(params)
+  if grads is not None:
+    g_paths, g_leaves, _ = tree.flatten_with_paths(grads)
+    if g_paths != paths or any(
+      tuple(g.shape) != tuple(p.shape) for g, p in zip(g_leaves, leaves, strict=True)
+    ):
+      raise ValueError("`grads` must have the structure and shapes of `params`.")
+  else:
+    g_leaves = [None] * len(leaves)
+  key = jax.random.PRNGKey(base.check_int("seed", seed))
+  scores: dict[int, jax.Array] = {}
+  for i, leaf_plan in enumerate(plan.leaves):
+    if leaf_plan.sparsity is None:
+      continue
+    ctx = base.ScoreContext(
+      param=leaves[i],
+      grad=g_leaves[i],
+      mask=jnp.ones(leaves[i].shape, bool),
+      key=jax.random.fold_in(key, i),
+      step=jnp.zeros([], jnp.int32),
+      path=leaf_plan.path,
+      inner_moments=(),
+      sparsity=leaf_plan.sparsity,
+      layer=leaf_plan.layer,
+    )
+    scores[i] = jnp.asarray(criterion(ctx), jnp.float32)
+    if scores[i].shape != tuple(leaves[i].shape):
+      raise ValueError(
+        f"`criterion` returned shape {scores[i].shape} for {leaf_plan.path!r}; expected "
+        f"{tuple(leaves[i].shape)}."
+      )
+  masks = select_masks(alloc, plan, scores)
+  return jax.tree.unflatten(treedef, [masks.get(i) for i in range(len(leaves))])
+
+
+def select_masks(
+  alloc: plan_lib.Allocation, plan: plan_lib.Plan, scores: dict[int, jax.Array]
+) -> dict[int, jax.Array]:
+  """``{leaf index: mask}``: per layer by the structure, or one global ranking."""
+  overrides = {i for i in scores if alloc.is_global and _overridden(alloc, plan.leaves[i].path)}
+  pooled = [i for i in scores if alloc.is_global and i not in overrides]
+  out = {
+    i: alloc.structure.select(s, plan.leaves[i].sparsity)
+    for i, s in scores.items()
+    if i not in pooled
+  }
+  if pooled:
+    size = sum(int(scores[i].size) for i in pooled)
+    total = base.nnz_for_sparsity(size, alloc.sparsity)
+    counts = global_counts([scores[i] for i in pooled], [None] * len(pooled), total)
+    for i, count in zip(pooled, counts, strict=True):
+      out[i] = selection.topk_mask(scores[i], count)
+  return out
+
+
+def _overridden(alloc: plan_lib.Allocation, path: str) -> bool:
+  return any(re.search(pattern, path) for pattern in (alloc.overrides or {}))
+
+
+def check_init_masks(plan: plan_lib.Plan, structure: Any, masks: list[Any], exact: bool) -> None:
+  """Validates user masks against the plan: sparse leaves, shapes, bool, the structure.
+
+  ``exact``: the structure needs the plan's nnz (constant fan-in, N:M, blocks keep it
+  exact through every update); unstructured masks may have any nonzero count.
+
+  Raises:
+    ValueError / TypeError: naming ``init_masks`` and the leaf.
+  """
+  for leaf_plan, mask in zip(plan.leaves, masks, strict=True):
+    path = leaf_plan.path
+    if (mask is None) != (leaf_plan.sparsity is None):
+      want = "a bool mask" if mask is None else "None (a dense leaf)"
+      raise ValueError(
+        f"`init_masks` at {path!r}: expected {want}, as the allocation plans this leaf "
+        f"{leaf_plan.role!r}. Make the masks with the same allocation keywords."
+      )
+    if mask is None:
+      continue
+    if tuple(mask.shape) != tuple(leaf_plan.shape) or mask.dtype != jnp.bool_:
+      raise TypeError(
+        f"`init_masks` at {path!r} must be a bool array of shape {leaf_plan.shape}, got "
+        f"{mask.dtype}{tuple(mask.shape)}."
+      )
+    if isinstance(mask, jax.core.Tracer):
+      continue  # values cannot be checked under a trace
+    nnz = int(np.count_nonzero(np.asarray(mask)))
+    if nnz == 0:
+      raise ValueError(f"`init_masks` at {path!r} keeps no weight.")
+    if exact:
+      target = structure.target_nnz(leaf_plan.shape, leaf_plan.sparsity)
+      if nnz != target or not bool(
+        np.all(np.asarray(structure.select(mask, leaf_plan.sparsity)) == np.asarray(mask))
+      ):
+        raise ValueError(
+          f"`init_masks` at {path!r} does not satisfy structure={structure!r} at the planned "
+          f"sparsity {leaf_plan.sparsity:.4f} ({nnz} nonzeros, expected {target} in the "
+          "structure's pattern). Make the masks with sparsejax.prune(..., structure=...)."
+        )
+
+
+def initial_masks(
+  alloc: plan_lib.Allocation,
+  params: Any,
+  spec: Any,
+  *,
+  seed: int,
+  initial_alloc: plan_lib.Allocation | None = None,
+) -> Any:
+  """The masks a method starts from (see ``init_masks`` of :func:`dynamic_sparse`)."""
+  plan = alloc.plan(params)
+  paths, leaves, treedef = plan_lib.flatten_params(params)
+  if callable(spec) and not isinstance(spec, str):
+    spec = spec(params)
+  if spec is None or isinstance(spec, str):
+    mode = spec or "random"
+    if mode not in ("random", "dense"):
+      raise ValueError(
+        f"`init_masks` must be 'random', 'dense', masks or a function, got {mode!r}."
+      )
+    source = initial_alloc or alloc
+    source_plan = source.plan(params) if source is not alloc else plan
+    key = jax.random.PRNGKey(seed)
+    masks = []
+    for i, (leaf, leaf_plan, src) in enumerate(
+      zip(leaves, plan.leaves, source_plan.leaves, strict=True)
+    ):
+      if leaf_plan.sparsity is None:
+        masks.append(None)
+      elif mode == "dense" or not src.sparsity:
+        masks.append(base.reshard_like(jnp.ones(leaf.shape, bool), leaf))
+      elif source.is_global and initial_alloc is None:
+        masks.append(None)  # filled below by one global ranking of |w|
+      else:
+        mask = _random_mask(
+          source.structure, jax.random.fold_in(key, i), tuple(leaf.shape), src.sparsity
+        )
+        masks.append(base.reshard_like(mask, leaf))  # Explicit meshes: shard like the param
+    pending = [i for i, m in enumerate(masks) if m is None and plan.leaves[i].sparsity is not None]
+    if pending:
+      scores = {i: jnp.abs(leaves[i]).astype(jnp.float32) for i in pending}
+      for i, mask in select_masks(alloc, plan, scores).items():
+        masks[i] = base.reshard_like(mask, leaves[i])
+    return jax.tree.unflatten(treedef, [optax.MaskedNode() if m is None else m for m in masks])
+  _, given, _ = tree.flatten_masks(spec)
+  if len(given) != len(leaves):
+    raise ValueError(
+      f"`init_masks` has {len(given)} leaves, `params` {len(leaves)}: pass masks shaped like "
+      "sparsejax.get_masks (None for dense leaves)."
+    )
+  exact = not isinstance(alloc.structure, structures.Unstructured)
+  check_init_masks(plan, alloc.structure, given, exact)
+  return jax.tree.unflatten(
+    treedef,
+    [
+      optax.MaskedNode() if m is None else base.reshard_like(jnp.asarray(m), p)
+      for m, p in zip(given, leaves, strict=True)
+    ],
+  )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _random_mask(structure, key, shape, sparsity):
+  return structure.random_mask(key, shape, sparsity)
