@@ -24,14 +24,17 @@ def neurons_to_ablate(
   n_drop: jax.Array,
   sparsity: float,
   gamma_sal: float,
+  relative_to: str = "sparse",
 ) -> jax.Array:
   """SRigL's ablation rule for one layer in ``[fan_in, n_out]`` layout.
 
   Salient weights are the top ``n_keep`` ``|w|`` ∪ the top ``n_drop`` ``|grad|`` over the
-  whole layer. A neuron with fewer than ``max(1, int(gamma_sal · k0))`` salient weights is
-  ablated (``k0 = floor(numel·(1-S)) // n_out``, the sparse fan-in without ablation), but
-  at least ``min_neurons + 1`` neurons stay active (``min_neurons = floor(numel·(1-S)) //
-  fan_in``).
+  whole layer. A neuron with fewer than ``max(1, int(gamma_sal · f))`` salient weights is
+  ablated, where ``f`` is the sparse fan-in without ablation ``k0 = floor(numel·(1-S)) //
+  n_out`` (``relative_to="sparse"``, the reference's default
+  ``use_sparse_const_fan_in_for_ablation=True``) or the dense fan-in
+  (``relative_to="dense"``); at least ``min_neurons + 1`` neurons stay active
+  (``min_neurons = floor(numel·(1-S)) // fan_in``).
 
   Args:
     weights: ``[fan_in, n_out]`` current weights (pruned entries 0).
@@ -39,7 +42,8 @@ def neurons_to_ablate(
     n_keep: number of weights kept by the magnitude drop.
     n_drop: number of weights dropped (= grown).
     sparsity: the layer's sparsity S.
-    gamma_sal: γ_sal in [0, 1], relative to the sparse fan-in ``k0``.
+    gamma_sal: γ_sal in [0, 1].
+    relative_to: ``"sparse"`` (default) or ``"dense"``: the fan-in γ_sal multiplies.
 
   Returns:
     bool ``[n_out]``: True for neurons to ablate.
@@ -47,8 +51,10 @@ def neurons_to_ablate(
   fan_in, n_out = weights.shape
   budget = base.floor_count(fan_in * n_out, 1.0 - sparsity)
   min_neurons = min(budget // fan_in, n_out - 1)
-  k0 = budget // n_out
-  threshold = max(1, int(gamma_sal * k0))
+  if relative_to not in ("sparse", "dense"):
+    raise ValueError(f"`relative_to` must be 'sparse' or 'dense', got {relative_to!r}.")
+  reference = budget // n_out if relative_to == "sparse" else fan_in
+  threshold = max(1, int(gamma_sal * reference))
   salient = selection.topk_mask(jnp.abs(weights), n_keep) | selection.topk_mask(
     jnp.abs(grads), n_drop
   )

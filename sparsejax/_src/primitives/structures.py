@@ -126,12 +126,20 @@ class ConstantFanIn:
     gamma_sal: γ_sal in [0, 1], or ``None`` for no ablation (plain constant fan-in).
     no_ablation: regex of layers never ablated; ``None`` protects the output layer only;
       ``"$^"`` protects nothing.
+    ablation_fan_in: the fan-in γ_sal is relative to: ``"sparse"`` (``k0``, the reference
+      code's default) or ``"dense"`` (calgaryml/condensed-sparsity's
+      ``use_sparse_const_fan_in_for_ablation=False``).
   """
 
   gamma_sal: float | None = None
   no_ablation: str | None = None
+  ablation_fan_in: str = "sparse"
 
   def __post_init__(self):
+    if self.ablation_fan_in not in ("sparse", "dense"):
+      raise ValueError(
+        f"`ablation_fan_in` must be 'sparse' or 'dense', got {self.ablation_fan_in!r}."
+      )
     if self.gamma_sal is not None:
       base.check_fraction("gamma_sal", self.gamma_sal)
     if self.no_ablation is not None:
@@ -209,6 +217,7 @@ class ConstantFanIn:
         n_drop,
         ctx.sparsity,
         self.gamma_sal,
+        self.ablation_fan_in,
       )
       budget = base.floor_count(flat[0] * flat[1], 1.0 - ctx.sparsity)
       n_active = flat[1] - jnp.sum(ablated, dtype=jnp.int32)

@@ -80,6 +80,7 @@ def srigl(
   gamma_sal: float = 0.3,
   dynamic_ablation: bool = True,
   no_ablation: str | None = None,
+  ablation_fan_in: str = "sparse",
   structure: Any = None,
   **kwargs: Any,
 ) -> SparseTransformation:
@@ -101,6 +102,8 @@ def srigl(
     no_ablation: regex of layers never ablated; default ``None`` protects the model's
       output layer (pass ``last_layer=`` when the paths cannot tell which it is). Pass
       ``"$^"`` to protect nothing.
+    ablation_fan_in: ``"sparse"`` (default: γ_sal times the sparse fan-in, the reference
+      code's default) or ``"dense"`` (γ_sal times the dense fan-in).
     structure: ``ConstantFanIn()`` (default) or ``NM(n, m)`` (N:M groups are constant
       fan-in per group; ablation does not apply to N:M and is disabled).
     **kwargs: the keywords of :func:`sparsejax.dynamic_sparse`.
@@ -118,7 +121,9 @@ def srigl(
   structure = structures.get_structure(structure if structure is not None else "fan_in")
   if isinstance(structure, structures.ConstantFanIn):
     structure = structures.ConstantFanIn(
-      gamma_sal=gamma_sal if dynamic_ablation else None, no_ablation=no_ablation
+      gamma_sal=gamma_sal if dynamic_ablation else None,
+      no_ablation=no_ablation,
+      ablation_fan_in=ablation_fan_in,
     )
   elif not isinstance(structure, structures.NM):
     raise ValueError(
