@@ -15,7 +15,7 @@ _VERSION = re.search(
 
 _EXPERIMENTS = ["mnist1d>=0.0.2", "scikit-learn>=1.3", "matplotlib>=3.7"]
 _NOTEBOOKS = ["jupyter-client>=8", "ipykernel>=6", "matplotlib>=3.7", "nbformat>=5"]
-_TEST = ["pytest>=8", "pytest-xdist>=3", "nbmake>=1.5", "ruff>=0.6"]
+_TEST = ["pytest>=8", "pytest-xdist>=3", "nbmake>=1.5", "ruff>=0.6", "hypothesis>=6.100"]
 
 
 # Native CPU kernel for condensed (SRigL) layers, called through the XLA FFI. It needs
