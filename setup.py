@@ -18,7 +18,7 @@ _NOTEBOOKS = ["jupyter-client>=8", "ipykernel>=6", "matplotlib>=3.7", "nbformat>
 _TEST = ["pytest>=8", "pytest-xdist>=3", "nbmake>=1.5", "ruff>=0.6", "hypothesis>=6.100"]
 
 
-# Native CPU kernel for condensed (SRigL) layers, called through the XLA FFI. It needs
+# Native CPU kernels (condensed inference, sparse training), called through the XLA FFI. It needs
 # the FFI headers shipped in jaxlib (pyproject.toml lists jaxlib in the build
 # requirements). The build is optional: if it fails, sparsejax still installs and uses
 # the XLA path (with a logged notice). Set SPARSEJAX_REQUIRE_NATIVE=1 to make a failed
@@ -61,7 +61,14 @@ _NATIVE_EXTENSIONS = [
     sources=["sparsejax/_src/kernels/csrc/condensed_ffi.cc"],
     language="c++",
     optional=not _REQUIRE_NATIVE,
-  )
+  ),
+  # Training kernels for fixed-capacity CSR sparse layers (sparsejax.sparse).
+  Extension(
+    "sparsejax._src.kernels._sparse_train_native",
+    sources=["sparsejax/_src/kernels/csrc/sparse_train_ffi.cc"],
+    language="c++",
+    optional=not _REQUIRE_NATIVE,
+  ),
 ]
 
 setup(

@@ -74,7 +74,16 @@ from sparsejax._src.tree import path_to_str as path_to_str
 
 __version__ = "0.2.0"
 
-_NAMESPACES = ("checkpoint", "condensed", "metrics", "nm", "plotting", "primitives", "sharding")
+_NAMESPACES = (
+  "checkpoint",
+  "condensed",
+  "metrics",
+  "nm",
+  "plotting",
+  "primitives",
+  "sharding",
+  "sparse",
+)
 
 __all__ = (
   # Methods.

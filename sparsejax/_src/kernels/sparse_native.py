@@ -1,0 +1,183 @@
+"""Loader and XLA FFI calls of the native CPU training kernels for CSR sparse layers.
+
+The kernels (``sparsejax/_src/kernels/csrc/sparse_train_ffi.cc``) are compiled at install
+time by ``setup.py`` into ``sparsejax._src.kernels._sparse_train_native`` and called through
+the XLA FFI. If the extension is missing (no C++ compiler at install time, another
+platform, or ``SPARSEJAX_DISABLE_NATIVE=1``), :func:`native_available` is ``False`` and
+:func:`sparsejax.sparse.sparse_matmul` uses the pure-XLA path.
+
+Activations cross the FFI boundary **feature-major**: the calls request the physical
+layout "feature major, batch minor" for ``x [B, n_in]``, ``y``, ``dy`` and ``dx``
+(``ffi_call(input_layouts=..., output_layouts=...)``), so XLA keeps a chain of sparse
+layers (with the elementwise ops between them) in that layout and transposes only where a
+row-major consumer needs it.
+
+Reference: SparseProp (Nikdan et al. 2023, arXiv:2302.04852) for the batch-minor layout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparsejax._src.transforms.sparse_topology import CSRTopology
+
+__all__ = [
+  "native_available",
+  "native_backward",
+  "native_cpu_isa",
+  "native_forward",
+  "native_unavailable_reason",
+]
+
+logger = logging.getLogger("sparsejax.sparse")
+
+FWD_TARGET = "sparsejax_sparse_fwd"
+BWD_TARGET = "sparsejax_sparse_bwd"
+
+ISAS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2}
+
+_FEATURE_MAJOR = (1, 0)  # major-to-minor: the feature axis is major, the batch minor.
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"loaded": None, "reason": "not loaded yet", "isa": None}
+
+
+def _load() -> bool:
+  """Imports the extension and registers its FFI targets once; returns success."""
+  with _lock:
+    if _state["loaded"] is not None:
+      return _state["loaded"]
+    if os.environ.get("SPARSEJAX_DISABLE_NATIVE", "").strip() not in ("", "0"):
+      _state.update(loaded=False, reason="disabled by SPARSEJAX_DISABLE_NATIVE")
+      return False
+    try:
+      from sparsejax._src.kernels import _sparse_train_native as ext  # type: ignore[attr-defined]
+    except ImportError as e:
+      _state.update(
+        loaded=False,
+        reason=f"extension sparsejax._src.kernels._sparse_train_native is not built ({e})",
+      )
+      return False
+    try:
+      for name, capsule in ext.registrations().items():
+        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
+    except Exception as e:  # noqa: BLE001 - any registration failure means "no native".
+      _state.update(loaded=False, reason=f"XLA FFI registration failed: {e!r}")
+      return False
+    _state.update(loaded=True, reason="", isa=ext.cpu_isa())
+    return True
+
+
+def native_available() -> bool:
+  """Whether the native training kernels are built and registered with XLA."""
+  return _load()
+
+
+def native_unavailable_reason() -> str:
+  """Why the native kernels are unavailable (empty string when they are available)."""
+  _load()
+  return _state["reason"]
+
+
+def native_cpu_isa() -> str | None:
+  """The SIMD level the kernels use here (``"avx512"``, ``"avx2"``, ``"portable"``), or
+  ``None`` when they are unavailable."""
+  _load()
+  return _state["isa"]
+
+
+def _attrs(isa: str, threads: int, tile: int) -> dict[str, np.int64]:
+  if isa not in ISAS:
+    raise ValueError(f"isa must be one of {sorted(ISAS)}, got {isa!r}")
+  return dict(isa=np.int64(ISAS[isa]), threads=np.int64(threads), tile=np.int64(tile))
+
+
+def _require() -> None:
+  if not _load():
+    raise RuntimeError(f"native sparse training kernels unavailable: {_state['reason']}")
+
+
+def native_forward(
+  x: jax.Array,
+  values: jax.Array,
+  topology: CSRTopology,
+  *,
+  isa: str = "auto",
+  threads: int = 0,
+  tile: int = 0,
+) -> jax.Array:
+  """``y[b, j] = sum_{p in row j} values[p] · x[b, col[p]]`` on the CPU (no bias).
+
+  Args:
+    x: ``[B, n_in]`` float32.
+    values: ``[C]`` float32.
+    topology: the layer's :class:`CSRTopology`.
+    isa: ``"auto"`` or a cap on the SIMD level (tests cover every path with it).
+    threads: at most this many threads (0: XLA's intra-op pool).
+    tile: batch lanes per tile (0: 64).
+
+  Returns:
+    ``[B, n_out]`` float32.
+  """
+  _require()
+  call = jax.ffi.ffi_call(
+    FWD_TARGET,
+    jax.ShapeDtypeStruct((x.shape[0], topology.n_out), jnp.float32),
+    vmap_method="sequential",
+    input_layouts=[_FEATURE_MAJOR, None, None, None],
+    output_layouts=_FEATURE_MAJOR,
+  )
+  return call(x, values, topology.col, topology.row_ptr, **_attrs(isa, threads, tile))
+
+
+def native_backward(
+  x: jax.Array,
+  dy: jax.Array,
+  values: jax.Array,
+  topology: CSRTopology,
+  *,
+  need_dx: bool = True,
+  isa: str = "auto",
+  threads: int = 0,
+  tile: int = 0,
+) -> tuple[jax.Array | None, jax.Array]:
+  """``dx = dy · Wᵀ`` over the CSC view and ``dv[p] = Σ_b dy[b, row(p)] · x[b, col(p)]``.
+
+  One FFI call computes both (``dx`` only if ``need_dx``).
+
+  Returns:
+    ``(dx [B, n_in] or None, dv [C])``, float32; ``dv`` is 0 at padding slots.
+  """
+  _require()
+  b = x.shape[0]
+  dx_shape = (b, topology.n_in) if need_dx else (0, 0)
+  call = jax.ffi.ffi_call(
+    BWD_TARGET,
+    (
+      jax.ShapeDtypeStruct(dx_shape, jnp.float32),
+      jax.ShapeDtypeStruct((topology.capacity,), jnp.float32),
+    ),
+    vmap_method="sequential",
+    input_layouts=[_FEATURE_MAJOR, _FEATURE_MAJOR, None, None, None, None, None, None],
+    output_layouts=[_FEATURE_MAJOR, None],
+  )
+  dx, dv = call(
+    x,
+    dy,
+    values,
+    topology.col,
+    topology.row_ptr,
+    topology.csc_ptr,
+    topology.csc_row,
+    topology.csc_slot,
+    need_dx=np.int64(bool(need_dx)),
+    **_attrs(isa, threads, tile),
+  )
+  return (dx if need_dx else None), dv

@@ -1,0 +1,227 @@
+"""Differentiable sparse matmul for trainable CSR sparse layers: native CPU and pure XLA.
+
+:func:`sparse_matmul` computes ``y = x @ W`` for a layer stored as ``values [C]`` + a
+:class:`~sparsejax._src.transforms.sparse_topology.CSRTopology`, with a ``jax.custom_vjp``
+whose backward yields ``dx`` and ``dvalues`` (one value per slot, 0 at padding slots; the
+integer topology gets no cotangent). Paths:
+
+* ``"native"``: the C++ XLA FFI kernels (CPU, float32; one forward and one backward call,
+  feature-major activations, ``ffi::ThreadPool`` threads). ``dx`` is skipped when ``x`` is
+  not differentiated (the first layer of a network: ``symbolic_zeros``).
+* ``"xla"``: scatter the values into a dense kernel, then ``jnp.dot`` (every backend and
+  dtype, float64 for tests; JAX differentiates the scatter into a gather). Dense compute:
+  it saves memory, not time.
+* ``"auto"``: native when built, on the CPU backend, for float32 inputs; else xla.
+
+``probe``: on DST topology steps, pass a dense ``[n_in, n_out]`` zeros array; its
+cotangent is the dense weight gradient ``xᵀ dy`` at *every* position, RigL's and SRigL's
+growth score (one dense product per layer, only on those steps).
+
+References: SparseProp (Nikdan et al. 2023, arXiv:2302.04852); RigL (Evci et al. 2020,
+arXiv:1911.11134) for the dense gradient on update steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from sparsejax._src.kernels import sparse_native
+from sparsejax._src.transforms import sparse_topology
+from sparsejax._src.transforms.sparse_topology import CSRTopology
+
+__all__ = ["Method", "select_method", "sparse_matmul", "sparse_matmul_reference"]
+
+Method = Literal["auto", "native", "xla"]
+_METHODS = ("auto", "native", "xla")
+_FLOATS = (jnp.float32, jnp.bfloat16, jnp.float16, jnp.float64)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Native:
+  """Static configuration of a native call (hashable: a ``nondiff_argnum``)."""
+
+  isa: str = "auto"
+  threads: int = 0
+  tile: int = 0
+
+
+def select_method(x_dtype, values_dtype, method: Method = "auto") -> str:
+  """The path :func:`sparse_matmul` takes: ``"native"`` or ``"xla"``.
+
+  Raises:
+    ValueError: unknown ``method``; ``"native"`` with non-float32 inputs or without the
+      built kernels.
+  """
+  if method not in _METHODS:
+    raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+  f32 = jnp.dtype(x_dtype) == jnp.float32 and jnp.dtype(values_dtype) == jnp.float32
+  if method == "native":
+    if not f32:
+      raise ValueError(
+        f"method='native' needs float32 activations and values, got {jnp.dtype(x_dtype)} and "
+        f"{jnp.dtype(values_dtype)}; use method='xla' (any float dtype) or cast."
+      )
+    if not sparse_native.native_available():
+      raise RuntimeError(
+        f"method='native': the kernels are unavailable ({sparse_native.native_unavailable_reason()})"
+      )
+    return "native"
+  if method == "xla":
+    return "xla"
+  native = f32 and jax.default_backend() == "cpu" and sparse_native.native_available()
+  return "native" if native else "xla"
+
+
+def _check(x: jax.Array, values: jax.Array, topology: CSRTopology, probe) -> None:
+  if not isinstance(topology, CSRTopology):
+    raise TypeError(f"topology must be a CSRTopology, got {type(topology).__name__}")
+  for name, a in (("x", x), ("values", values)):
+    if not any(jnp.dtype(a.dtype) == d for d in _FLOATS):
+      raise ValueError(
+        f"sparse_matmul: {name} must be float32, bfloat16, float16 or float64, got {a.dtype}"
+      )
+  if values.shape != (topology.capacity,):
+    raise ValueError(
+      f"sparse_matmul: values has shape {values.shape}, the topology has {topology.capacity} slots"
+    )
+  if x.ndim < 1 or x.shape[-1] != topology.n_in:
+    raise ValueError(
+      f"sparse_matmul: x has shape {x.shape}; its last axis must be the fan-in "
+      f"{topology.n_in} (kernel shape {topology.kernel_shape})"
+    )
+  if probe is not None and probe.shape != (topology.n_in, topology.n_out):
+    raise ValueError(
+      f"sparse_matmul: probe has shape {probe.shape}, expected {(topology.n_in, topology.n_out)}"
+    )
+
+
+def sparse_matmul(
+  x: jax.Array,
+  values: jax.Array,
+  topology: CSRTopology,
+  *,
+  probe: jax.Array | None = None,
+  method: Method = "auto",
+  isa: str = "auto",
+  threads: int = 0,
+  tile: int = 0,
+) -> jax.Array:
+  """``x @ W`` for a CSR sparse layer, differentiable in ``x``, ``values`` and ``probe``.
+
+  Args:
+    x: ``[..., n_in]`` activations.
+    values: ``[C]`` weights of the slots.
+    topology: the layer's topology (``n_in = prod(kernel_shape[:-1])``).
+    probe: optional ``[n_in, n_out]`` (zeros); its gradient is ``xᵀ·dy`` everywhere.
+    method: ``"auto"``, ``"native"`` or ``"xla"`` (see the module docstring).
+    isa: native only: cap on the SIMD level (``"portable"``, ``"avx2"``, ``"avx512"``).
+    threads: native only: at most this many threads (0: XLA's intra-op pool).
+    tile: native only: batch lanes per tile (0: 64).
+
+  Returns:
+    ``[..., n_out]`` in ``x``'s dtype.
+
+  Raises:
+    ValueError / TypeError: bad shapes, dtypes or method.
+  """
+  _check(x, values, topology, probe)
+  path = select_method(x.dtype, values.dtype, method)
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, topology.n_in)
+  if path == "xla":
+    y = _xla(x2, values, topology, probe)
+  elif probe is None:
+    y = _native(x2, values, topology, _Native(isa, threads, tile))
+  else:
+    y = _native_probe(x2, values, probe, topology, _Native(isa, threads, tile))
+  return y.reshape(*lead, topology.n_out)
+
+
+def _xla(x, values, topology, probe):
+  w = sparse_topology.scatter_slots(values, topology)
+  if probe is not None:
+    w = w + probe.astype(w.dtype)
+  return jnp.dot(x, w.astype(x.dtype), preferred_element_type=x.dtype)
+
+
+def sparse_matmul_reference(x: jax.Array, values: jax.Array, topology: CSRTopology) -> jax.Array:
+  """``x @ W`` through the dense kernel (any dtype; the tests' reference)."""
+  w = sparse_topology.dense_kernel(values, topology)
+  return x @ w.reshape(topology.n_in, topology.n_out)
+
+
+# ---------------------------------------------------------------------------------------
+# Native path: one forward and one backward FFI call.
+# ---------------------------------------------------------------------------------------
+
+
+def _value(a):
+  return a.value if hasattr(a, "perturbed") else a
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _native(x, values, topology, cfg):
+  return sparse_native.native_forward(
+    x, values, topology, isa=cfg.isa, threads=cfg.threads, tile=cfg.tile
+  )
+
+
+def _native_fwd(x, values, topology, cfg):
+  xv, vv, tv = _value(x), _value(values), jax.tree.map(_value, topology)
+  y = sparse_native.native_forward(xv, vv, tv, isa=cfg.isa, threads=cfg.threads, tile=cfg.tile)
+  return y, (xv, vv, tv, bool(getattr(x, "perturbed", True)))
+
+
+def _backward(cfg, res, dy):
+  x, values, topology, need_dx = res
+  if isinstance(dy, SymbolicZero):
+    dy = jnp.zeros((x.shape[0], topology.n_out), jnp.float32)
+  dx, dv = sparse_native.native_backward(
+    x,
+    dy,
+    values,
+    topology,
+    need_dx=need_dx,
+    isa=cfg.isa,
+    threads=cfg.threads,
+    tile=cfg.tile,
+  )
+  return dx, dv, dy
+
+
+def _native_bwd(cfg, res, dy):
+  dx, dv, _ = _backward(cfg, res, dy)
+  return dx, dv, None
+
+
+_native.defvjp(_native_fwd, _native_bwd, symbolic_zeros=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _native_probe(x, values, probe, topology, cfg):
+  del probe
+  return sparse_native.native_forward(
+    x, values, topology, isa=cfg.isa, threads=cfg.threads, tile=cfg.tile
+  )
+
+
+def _native_probe_fwd(x, values, probe, topology, cfg):
+  y, res = _native_fwd(x, values, topology, cfg)
+  return y, (*res, jnp.zeros((), _value(probe).dtype))
+
+
+def _native_probe_bwd(cfg, res, dy):
+  *res, probe_zero = res
+  dx, dv, dy = _backward(cfg, tuple(res), dy)
+  x = res[0]
+  grad = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(probe_zero.dtype)
+  return dx, dv, grad, None
+
+
+_native_probe.defvjp(_native_probe_fwd, _native_probe_bwd, symbolic_zeros=True)
