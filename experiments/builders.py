@@ -44,18 +44,48 @@ class Method:
 _ALLOCATION = ("sparsity", "distribution", "structure", "keep_first_dense", "keep_last_dense")
 _SCHEDULE = ("update_every", "start_step", "end_fraction", "drop_fraction", "drop_fraction_decay")
 _CRITERIA = ("drop", "grow", "grow_init")
+_GRADUAL = ("update_every", "start_step", "end_fraction", "initial_sparsity", "power")
 
 #: ``config.dst.method`` -> constructor and the ``config.dst`` fields it takes.
 METHODS: dict[str, Method] = {
   "dense": Method(None, ()),
-  "static": Method(sj.static_sparse, (*_ALLOCATION, "seed")),
-  "set": Method(sj.set_, (*_ALLOCATION, "seed", *_SCHEDULE, *_CRITERIA)),
-  "rigl": Method(sj.rigl, (*_ALLOCATION, "seed", *_SCHEDULE, *_CRITERIA)),
-  "srigl": Method(sj.srigl, (*_ALLOCATION, "seed", *_SCHEDULE, *_CRITERIA, "gamma_sal")),
+  "static": Method(sj.static_sparse, (*_ALLOCATION, "seed", "init")),
+  "set": Method(sj.set_, (*_ALLOCATION, "seed", *_SCHEDULE, *_CRITERIA, "init")),
+  "rigl": Method(sj.rigl, (*_ALLOCATION, "seed", *_SCHEDULE, *_CRITERIA, "init")),
+  "srigl": Method(
+    sj.srigl,
+    (*_ALLOCATION, "seed", *_SCHEDULE, *_CRITERIA, "gamma_sal", "ablation_fan_in", "init"),
+  ),
+  "gmp": Method(sj.gmp, (*_ALLOCATION, "seed", *_GRADUAL, "init")),
+  "granet": Method(
+    sj.granet,
+    (*_ALLOCATION, "seed", *_GRADUAL, "drop_fraction", "drop_fraction_decay", *_CRITERIA)
+    + ("regrow_end_fraction", "init"),
+  ),
   "nm_sr_ste": Method(
     sj.nm_sr_ste, ("sparsity", "structure", "keep_first_dense", "keep_last_dense")
   ),
 }
+
+#: Grow criteria that read no gradient (a method growing by one of these never needs the
+#: dense gradient; any other criterion, a registered one included, is assumed to).
+GRADIENT_FREE_GROW = ("random", "magnitude", "momentum", "momentum_magnitude")
+
+
+def has_sparsity_schedule(method: str) -> bool:
+  """Whether ``method`` follows a sparsity schedule (gmp, granet: nnz changes)."""
+  return "initial_sparsity" in METHODS[method].fields
+
+
+def grow_criterion(config: ml_collections.ConfigDict) -> str | None:
+  """The grow criterion of the run (the method's default when ``config.dst.grow`` is empty).
+
+  ``None`` for methods that grow nothing (dense, static, gmp, SR-STE).
+  """
+  d = config.dst
+  if "grow" not in METHODS[d.method].fields:
+    return None
+  return d.grow or ("random" if d.method == "set" else "gradient")
 
 
 def dst_end_step(config: ml_collections.ConfigDict, num_steps: int) -> int:
@@ -63,9 +93,20 @@ def dst_end_step(config: ml_collections.ConfigDict, num_steps: int) -> int:
   return max(int(config.dst.start_step) + 1, int(round(config.dst.end_fraction * num_steps)))
 
 
-def _keywords(config: ml_collections.ConfigDict, num_steps: int) -> dict[str, dict[str, Any]]:
+def regrow_end_step(config: ml_collections.ConfigDict, num_steps: int) -> int | None:
+  """``regrow_end_fraction · num_train_steps`` rounded, at least the end step (None: 0)."""
+  fraction = float(config.dst.regrow_end_fraction)
+  if not fraction:
+    return None
+  return max(dst_end_step(config, num_steps), int(round(fraction * num_steps)))
+
+
+def _keywords(
+  config: ml_collections.ConfigDict, num_steps: int, init_masks: Any
+) -> dict[str, dict[str, Any]]:
   """For each ``config.dst`` field, the constructor keywords it becomes."""
   d = config.dst
+  regrow_end = regrow_end_step(config, num_steps)
   return {
     "sparsity": {"sparsity": float(d.sparsity)},
     "distribution": {"distribution": d.distribution},
@@ -82,12 +123,12 @@ def _keywords(config: ml_collections.ConfigDict, num_steps: int) -> dict[str, di
     "grow": {"grow": d.grow} if d.grow else {},
     "grow_init": {"grow_init": float(d.grow_init)},
     "gamma_sal": {"gamma_sal": float(d.gamma_sal)},
+    "ablation_fan_in": {"ablation_fan_in": d.ablation_fan_in},
+    "initial_sparsity": {"initial_sparsity": float(d.initial_sparsity)},
+    "power": {"power": float(d.power)},
+    "regrow_end_fraction": {"regrow_end_step": regrow_end} if regrow_end is not None else {},
+    "init": {"init_masks": init_masks} if init_masks is not None else {},
   }
-
-
-# --------------------------------------------------------------------------------------
-# Optimizer.
-# --------------------------------------------------------------------------------------
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
@@ -123,11 +164,72 @@ def _exact(path: str) -> str:
   return "^" + re.escape(path) + "$"
 
 
+def _layer_keywords(layer_order: Sequence[str]) -> dict[str, str]:
+  """``first_layer`` / ``last_layer``: the model's own first and output kernels."""
+  return {"first_layer": _exact(layer_order[0]), "last_layer": _exact(layer_order[-1])}
+
+
+def initial_masks(
+  config: ml_collections.ConfigDict,
+  layer_order: Sequence[str],
+  create: Callable[[], nnx.Module] | None = None,
+  ds: data_lib.Dataset | None = None,
+) -> Any:
+  """The ``init_masks=`` of ``config.dst.init``, for every method that takes it.
+
+  ``""`` gives ``None`` (the method's default); ``"random"`` / ``"dense"`` are passed on;
+  ``"magnitude"`` and ``"snip"`` give a function ``params -> masks`` calling
+  :func:`sparsejax.prune` with the run's distribution, structure and dense-layer choices
+  at ``config.dst.sparsity`` (``initial_sparsity`` for a schedule that starts sparse). SNIP
+  scores ``|g ⊙ w|`` with the gradient of the training loss at the initial weights on one
+  batch: the first batch of the training order (the one the first step sees).
+
+  Args:
+    config: a validated config.
+    layer_order: the model's kernel paths, first layer first.
+    create: the model factory (needed for ``"snip"``).
+    ds: the dataset (needed for ``"snip"``).
+  """
+  d = config.dst
+  if "init" not in METHODS[d.method].fields or d.init in ("", "random", "dense"):
+    return d.init or None
+  sparsity = float(d.sparsity)
+  if has_sparsity_schedule(d.method) and d.initial_sparsity:
+    sparsity = float(d.initial_sparsity)
+  kwargs = dict(
+    sparsity=sparsity,
+    criterion=d.init,
+    distribution=d.distribution,
+    structure=d.structure,
+    keep_first_dense=bool(d.keep_first_dense),
+    keep_last_dense=bool(d.keep_last_dense),
+    seed=int(d.seed),
+    **_layer_keywords(layer_order),
+  )
+  if d.init == "magnitude":
+    return lambda params: sj.prune(params, **kwargs)
+  if create is None or ds is None:
+    raise ValueError("config.dst.init='snip' needs the model and the dataset.")
+  x, y = next(data_lib.BatchIterator(ds.x_train, ds.y_train, config.batch_size, seed=config.seed))
+
+  def snip(params):
+    model = create()
+    nnx.update(model, params)
+
+    def loss(m):
+      return optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
+
+    return sj.prune(params, grads=nnx.grad(loss)(model), **kwargs)
+
+  return snip
+
+
 def build_transformation(
   config: ml_collections.ConfigDict,
   num_steps: int,
   schedule: optax.Schedule,
   layer_order: Sequence[str],
+  init_masks: Any = None,
 ) -> optax.GradientTransformation:
   """The optimizer of ``config.dst.method``: the inner optimizer, wrapped unless dense.
 
@@ -137,6 +239,8 @@ def build_transformation(
     schedule: the learning-rate schedule.
     layer_order: the model's kernel paths in the order the forward pass applies them; the
       first and last tell the library which layers are the model's first and output layer.
+    init_masks: the masks to start from (:func:`initial_masks`; ``None``: the method's
+      default).
 
   Returns:
     An optax transformation (a :class:`sparsejax.SparseTransformation` unless dense).
@@ -149,13 +253,37 @@ def build_transformation(
   method = METHODS[config.dst.method]
   if method.constructor is None:
     return inner
-  keywords = _keywords(config, num_steps)
+  keywords = _keywords(config, num_steps, init_masks)
   kwargs = {k: v for field in method.fields for k, v in keywords[field].items()}
-  kwargs.update(first_layer=_exact(layer_order[0]), last_layer=_exact(layer_order[-1]))
+  kwargs.update(_layer_keywords(layer_order))
   try:
     return method.constructor(inner, **kwargs)
   except (ValueError, TypeError) as e:
     raise type(e)(f"config.dst.method={config.dst.method!r}: {e}") from e
+
+
+def check_allocation(
+  config: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation,
+  create: Callable[[], nnx.Module],
+) -> None:
+  """Plans the model's sparse layers now, so that a bad structure fails naming the fields.
+
+  Raises:
+    ValueError / TypeError: the library's error (e.g. a block shape that does not tile a
+      kernel), prefixed with the ``config.dst`` fields that shape the allocation.
+  """
+  if not isinstance(tx, sj.SparseTransformation):
+    return
+  try:
+    tx.plan(nnx.state(nnx.eval_shape(create), nnx.Param))
+  except (ValueError, TypeError) as e:
+    d = config.dst
+    raise type(e)(
+      f"config.dst.structure={d.structure!r} with config.dst.sparsity={d.sparsity}, "
+      f"config.dst.distribution={d.distribution!r}, keep_first_dense={d.keep_first_dense}, "
+      f"keep_last_dense={d.keep_last_dense} (config.dst.method={d.method!r}): {e}"
+    ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +295,30 @@ class MaskSchedule:
       False for methods without a schedule: dense, static, SR-STE).
     drop_fraction: float32 ``[num_steps]``, the drop fraction in force at step ``t``, or
       ``None`` for methods without a drop fraction.
+    target_sparsity: float64 ``[num_steps]``, the sparsity schedule's target at step ``t``
+      (:func:`sparsejax.gradual_sparsity`), or ``None`` for methods without one.
   """
 
   updates: np.ndarray
   drop_fraction: np.ndarray | None
+  target_sparsity: np.ndarray | None = None
+
+
+def gradual_update_steps(config: ml_collections.ConfigDict, num_steps: int) -> np.ndarray:
+  """The update steps of a sparsity schedule (gmp, granet), ascending.
+
+  ``start_step`` and every ``update_every`` steps after it up to the last regrowth step
+  (``regrow_end_fraction``, else the end step), plus the end step itself: the steps of
+  ``GradualSchedule.update_steps`` in sparsejax, which has no public reader for them yet
+  (``sparsejax.is_mask_update_step`` describes the constant-nnz schedule). A test checks
+  that the masks change exactly here.
+  """
+  d = config.dst
+  start, end = int(d.start_step), dst_end_step(config, num_steps)
+  last = regrow_end_step(config, num_steps) or end
+  grid = np.arange(start, last + 1, int(d.update_every), dtype=np.int64)
+  steps = np.union1d(grid, [end])
+  return steps[steps < num_steps]
 
 
 def mask_schedule(config: ml_collections.ConfigDict, num_steps: int) -> MaskSchedule:
@@ -179,13 +327,34 @@ def mask_schedule(config: ml_collections.ConfigDict, num_steps: int) -> MaskSche
   t = np.arange(num_steps)
   if "update_every" not in fields:
     return MaskSchedule(np.zeros(num_steps, bool), None)
-  kwargs = dict(start_step=int(d.start_step), end_step=dst_end_step(config, num_steps))
-  updates = np.asarray(sj.is_mask_update_step(t, update_every=int(d.update_every), **kwargs))
+  start, end = int(d.start_step), dst_end_step(config, num_steps)
+  target = None
+  if has_sparsity_schedule(d.method):
+    updates = np.isin(t, gradual_update_steps(config, num_steps))
+    fraction_end = regrow_end_step(config, num_steps) or end
+    target = np.asarray(
+      sj.gradual_sparsity(
+        t,
+        sparsity=float(d.sparsity),
+        initial_sparsity=float(d.initial_sparsity),
+        start_step=start,
+        end_step=end,
+        power=float(d.power),
+      ),
+      np.float64,
+    )
+  else:
+    updates = np.asarray(
+      sj.is_mask_update_step(t, update_every=int(d.update_every), start_step=start, end_step=end)
+    )
+    fraction_end = end
   drop = None
   if "drop_fraction" in fields:
-    fn = sj.drop_fraction_schedule(float(d.drop_fraction), decay=d.drop_fraction_decay, **kwargs)
+    fn = sj.drop_fraction_schedule(
+      float(d.drop_fraction), decay=d.drop_fraction_decay, start_step=start, end_step=fraction_end
+    )
     drop = np.asarray(fn(t), np.float32)
-  return MaskSchedule(updates.astype(bool), drop)
+  return MaskSchedule(updates.astype(bool), drop, target)
 
 
 # --------------------------------------------------------------------------------------

@@ -24,8 +24,10 @@ from experiments.configs import default as default_config
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 LR_SCHEDULES = ("constant", "cosine")
-DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk")
+DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk", "global")
 DECAYS = ("cosine", "constant")
+INITS = ("", "random", "dense", "magnitude", "snip")
+ABLATION_FAN_INS = ("sparse", "dense")
 
 #: Fields that may differ between a run and its resumption: they change how the run is
 #: driven (when it stops, what it prints, where caches live, how often it checkpoints),
@@ -79,7 +81,8 @@ def with_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
   if value not in allowed:
-    raise ValueError(f"Unknown config.{name}={value!r}; allowed values: {', '.join(allowed)}.")
+    listed = ", ".join(a if a else "'' (the method's default)" for a in allowed)
+    raise ValueError(f"Unknown config.{name}={value!r}; allowed values: {listed}.")
 
 
 def _check_structure(dst: ml_collections.ConfigDict) -> None:
@@ -89,7 +92,7 @@ def _check_structure(dst: ml_collections.ConfigDict) -> None:
   except (ValueError, TypeError) as e:
     raise ValueError(
       f"Unknown config.dst.structure={dst.structure!r}; allowed values: unstructured, "
-      f"fan_in, nm:N:M (e.g. nm:2:4). ({e})"
+      f"fan_in, nm:N:M (e.g. nm:2:4), block:HxW (e.g. block:4x4). ({e})"
     ) from None
   if isinstance(structure, sj.NM) and abs(dst.sparsity - structure.sparsity) > 1e-9:
     raise ValueError(
@@ -120,6 +123,36 @@ def _check_ranges(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.mesh.min_shard_size must be >= 0; got {c.mesh.min_shard_size}.")
   if c.learning_rate <= 0:
     raise ValueError(f"config.learning_rate must be > 0; got {c.learning_rate}.")
+  _check_schedule_ranges(c.dst)
+
+
+def _check_schedule_ranges(d: ml_collections.ConfigDict) -> None:
+  """The sparsity-schedule fields (gmp, granet) and ``config.dst.init``."""
+  if not 0.0 <= d.initial_sparsity <= d.sparsity:
+    raise ValueError(
+      f"config.dst.initial_sparsity must be in [0, config.dst.sparsity={d.sparsity}] (a "
+      f"sparsity schedule only prunes); got {d.initial_sparsity}."
+    )
+  if isinstance(d.power, bool) or not isinstance(d.power, int | float) or not d.power > 0:
+    raise ValueError(f"config.dst.power (the schedule's exponent) must be > 0; got {d.power!r}.")
+  if d.regrow_end_fraction and not d.end_fraction <= d.regrow_end_fraction <= 1.0:
+    raise ValueError(
+      f"config.dst.regrow_end_fraction must be 0 (regrowth ends with the pruning) or in "
+      f"[config.dst.end_fraction={d.end_fraction}, 1]; got {d.regrow_end_fraction}."
+    )
+  if d.init == "dense" and not builders.has_sparsity_schedule(d.method):
+    raise ValueError(
+      f"config.dst.init='dense' needs a sparsity schedule to prune the dense masks "
+      f"(config.dst.method gmp or granet); {d.method!r} keeps the number of weights it "
+      "starts with. Use random, magnitude or snip."
+    )
+  starts_dense = builders.has_sparsity_schedule(d.method) and not d.initial_sparsity
+  if starts_dense and d.init not in ("", "dense"):
+    raise ValueError(
+      f"config.dst.init={d.init!r} gives masks at a sparsity, but config.dst.method="
+      f"{d.method!r} with config.dst.initial_sparsity=0 starts dense; set "
+      "config.dst.initial_sparsity > 0 to start its schedule from these masks."
+    )
 
 
 def _check_method_fields(dst: ml_collections.ConfigDict) -> None:
@@ -166,6 +199,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _choice("lr_schedule", c.lr_schedule, LR_SCHEDULES)
   _choice("dst.distribution", c.dst.distribution, DISTRIBUTIONS)
   _choice("dst.drop_fraction_decay", c.dst.drop_fraction_decay, DECAYS)
+  _choice("dst.init", c.dst.init, INITS)
+  _choice("dst.ablation_fan_in", c.dst.ablation_fan_in, ABLATION_FAN_INS)
   _check_ranges(c)
   _check_structure(c.dst)
   _check_method_fields(c.dst)

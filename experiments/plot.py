@@ -51,8 +51,9 @@ def _label(workdir: str) -> str:
 def layer_sparsities(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
   """``(target, realised)`` per-layer sparsity from a run's records.
 
-  The target is the masks' sparsity in the first record that has per-layer values (step 0
-  of a sparse run); the realised sparsity is the fraction of zero weights at the end.
+  The target is the masks' sparsity in the last record that has per-layer values (the
+  final masks: for gmp/granet the end of the sparsity schedule, for the other methods the
+  same as at step 0); the realised sparsity is the fraction of zero weights at the end.
   """
   target: dict[str, float] = {}
   for r in records:
@@ -63,7 +64,6 @@ def layer_sparsities(records: Sequence[Mapping[str, Any]]) -> tuple[dict, dict]:
     }
     if layers:
       target = layers
-      break
   realised: dict[str, float] = {}
   for r in records:
     for k, v in r.items():

@@ -270,6 +270,8 @@ class Recorder:
       none).
     sparse: whether the run is sparse.
     topology_path: ``<workdir>/topology.jsonl``.
+    target_sparsity: per update count, the sparsity schedule's target (None: the method
+      has no sparsity schedule).
   """
 
   masks_fn: Callable[..., Any]
@@ -281,19 +283,30 @@ class Recorder:
   drop_fraction: np.ndarray | None
   sparse: bool
   topology_path: str
+  target_sparsity: np.ndarray | None = None
 
   def topology(self, state: _State, turnover: Mapping[str, float] | None = None) -> dict:
     """A topology record of the current masks (also appended to ``topology.jsonl``).
 
-    At step 0 it also has the initial masks' ``sparsity/<layer>`` and ``sparsity/total``.
+    It has the masks' ``sparsity/<layer>`` and ``sparsity/total`` (the mask history that
+    training FLOPs are computed from); at step 0 also ``flops/dense/<layer>``, the dense
+    forward FLOPs per example of every kernel.
     """
     masks = jax.device_get(self.masks_fn(state.mstate, state.ostate))
     rec, fan_in = topology_record(self.mask_paths, masks, jax.device_get(state.ever))
     append_fan_in(self.topology_path, state.step, fan_in)
+    rec.update(mask_sparsities(self.mask_paths, masks))
+    rec.pop("nnz/total")
     if state.step == 0:
-      rec.update(mask_sparsities(self.mask_paths, masks))
-      rec.pop("nnz/total")
+      rec.update(self.dense_layer_flops(state))
     return {**(turnover or {}), **rec}
+
+  def dense_layer_flops(self, state: _State) -> dict[str, int]:
+    """``flops/dense/<layer>``: dense forward FLOPs per example of every kernel."""
+    weights = jax.device_get(self.weights_fn(state.mstate, state.ostate))
+    params = dict(zip(self.param_paths, weights, strict=True))
+    layers = sj.metrics.estimate_flops(params, None, self.positions)["layers"]
+    return {f"flops/dense/{p}": int(v["dense"]) for p, v in layers.items()}
 
   def mask_change(self, state: _State, nnz: np.ndarray, scheduled: bool) -> dict[str, Any]:
     """The record after a scheduled update or a mask change; starts a new topology window.
@@ -305,8 +318,12 @@ class Recorder:
         the drop fraction in force, for methods with one).
     """
     rec = turnover(self.mask_paths, state.window.grown, nnz)
+    if scheduled:
+      rec["dst/update_step"] = state.step - 1
     if scheduled and self.drop_fraction is not None:
       rec["dst/drop_fraction"] = float(self.drop_fraction[state.step - 1])
+    if scheduled and self.target_sparsity is not None:
+      rec["dst/target_sparsity"] = float(self.target_sparsity[state.step - 1])
     state.window.reset_grown()
     return self.topology(state, rec)
 

@@ -35,16 +35,18 @@ optimizer steps):
   ``sparsity/<layer>``, ``nnz/total``, ``flops/dense``, ``flops/sparse``, ``flops/ratio``
   (estimated forward FLOPs per example, :func:`sparsejax.metrics.estimate_flops`);
 * topology records, one code path for every method: at each scheduled mask update
-  (``sparsejax.is_mask_update_step`` with the method's schedule; static and SR-STE have
+  (``builders.mask_schedule``: the method's schedule; static and SR-STE have
   none), and at a log step when masks changed since the last topology record (SR-STE
   recomputes its N:M masks every step, so it reports there, with the turnover summed over
   the window): ``dst/turnover`` and ``dst/turnover/<layer>`` (weights grown since the last
   topology record over the active weights), ``dst/drop_fraction`` (at scheduled updates of
   methods with a drop fraction: ``sparsejax.drop_fraction_schedule``), ``dst/ever_active``
   (fraction of sparse-layer weights active at any time so far), ``fan_in/<layer>/min``,
-  ``fan_in/<layer>/max``, ``fan_in/<layer>/mean`` and ``active_neurons/<layer>``; at step 0
-  the same topology keys (without turnover) plus ``sparsity/<layer>`` and
-  ``sparsity/total`` describe the initial masks;
+  ``fan_in/<layer>/max``, ``fan_in/<layer>/mean``, ``active_neurons/<layer>``,
+  ``sparsity/<layer>``, ``sparsity/total`` (the mask history of ``training_flops.py``);
+  at scheduled updates ``dst/update_step`` (the update count ``t``) and for gmp/granet
+  ``dst/target_sparsity`` (``sparsejax.gradual_sparsity(t)``); at step 0 the same keys
+  (no turnover) for the initial masks, and ``flops/dense/<layer>`` (per kernel);
 * at the end: ``final/test_accuracy``, ``final/test_loss`` and
   ``final/weight_sparsity/<layer>`` (zeros in the weights the forward pass uses,
   ``sparsejax.forward_params``);
@@ -306,7 +308,9 @@ def setup(config: ml_collections.ConfigDict, ds, train_iter, ckpt, workdir: str)
   create = builders.model_factory(config, ds.input_shape, ds.num_classes)
   positions = builders.kernel_positions(create)  # definition order: first ... output layer
   lr_schedule = builders.learning_rate_schedule(config, num_steps)
-  tx = builders.build_transformation(config, num_steps, lr_schedule, list(positions))
+  init_masks = builders.initial_masks(config, list(positions), create, ds)
+  tx = builders.build_transformation(config, num_steps, lr_schedule, list(positions), init_masks)
+  builders.check_allocation(config, tx, create)
   sparse = isinstance(tx, sj.SparseTransformation)
   model, optimizer, ever = _init(create, tx, sparse)
   mask_paths = [p for p, _ in sparse_layers(optimizer, sparse)]
@@ -326,6 +330,7 @@ def setup(config: ml_collections.ConfigDict, ds, train_iter, ckpt, workdir: str)
     param_paths=param_paths,
     positions=positions,
     drop_fraction=schedule.drop_fraction,
+    target_sparsity=schedule.target_sparsity,
     sparse=sparse,
     topology_path=os.path.join(workdir, "topology.jsonl"),
   )

@@ -29,6 +29,7 @@ TESTS = Path(__file__).resolve().parent
 if str(REPO) not in sys.path:  # experiments/ is a folder of the repo, not an installed package.
   sys.path.insert(0, str(REPO))
 
+from experiments import results_markdown as md  # noqa: E402
 from experiments import train  # noqa: E402
 from experiments import workdir as workdir_lib  # noqa: E402
 
@@ -42,6 +43,9 @@ CONFIGS = [
   pytest.param("srigl", "smoke", marks=pytest.mark.slow),
   ("nm", "smoke"),
   ("nm", "sr_ste,smoke"),
+  ("gmp", "smoke"),
+  ("granet", "smoke"),
+  ("snip", "smoke"),
 ]
 
 
@@ -353,11 +357,45 @@ def test_config_typo_in_python_fails(shared, tmp_path):
     ("model", "resnet", r"config.model='resnet'; allowed values: mlp, cnn1d, cnn2d"),
     ("dst__distribution", "erk2", r"config.dst.distribution='erk2'"),
     ("dst__sparsity", 1.0, r"config.dst.sparsity must be in \[0, 1\)"),
+    ("dst__init", "snipp", r"Unknown config.dst.init='snipp'; allowed values: '' \(the meth"),
+    ("dst__init", "dense", r"config.dst.init='dense' needs a sparsity schedule"),
+    ("dst__ablation_fan_in", "both", r"Unknown config.dst.ablation_fan_in='both'; allowed"),
+    ("dst__structure", "block:3", r"Unknown config.dst.structure='block:3'; .* block:HxW"),
+    (
+      "dst__structure",
+      "block:3x3",
+      r"config.dst.structure='block:3x3' .*the block shape does not divide the kernel "
+      r"'convs/0/kernel'",
+    ),
   ],
 )
 def test_bad_values_fail_clearly(shared, tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(_config("rigl", shared, **{field: value}), str(tmp_path))
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+  ("module", "overrides", "message"),
+  [
+    ("gmp", {"dst__power": 0.0}, r"config.dst.power \(the schedule's exponent\) must be > 0"),
+    ("gmp", {"dst__power": -1}, r"config.dst.power .* must be > 0; got -1"),
+    (
+      "gmp",
+      {"dst__initial_sparsity": 0.95},
+      r"config.dst.initial_sparsity must be in \[0, config.dst.sparsity=0.9\]",
+    ),
+    ("granet", {"dst__regrow_end_fraction": 0.5}, r"config.dst.regrow_end_fraction must be 0"),
+    ("gmp", {"dst__init": "snip"}, r"config.dst.init='snip' .* config.dst.initial_sparsity > 0"),
+    ("static", {"dst__initial_sparsity": 0.5}, r"config.dst.initial_sparsity=0.5 has no effect"),
+    ("rigl", {"dst__power": 2.0}, r"config.dst.power=2.0 has no effect with config.dst.method"),
+    ("gmp", {"dst__grow": "random"}, r"config.dst.grow='random' has no effect"),
+  ],
+)
+def test_bad_schedule_values_fail_naming_the_field(shared, tmp_path, module, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(_config(module, shared, **overrides), str(tmp_path))
+  assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_checkpoint_from_other_model_is_refused_and_nothing_changes(shared, rigl_run, tmp_path):
@@ -574,8 +612,212 @@ def test_results_table_statistics_and_markdown(tmp_path):
     "machine": "2 cores",
     "seeds": "0, 1, 2",
   }
+  for r in rows:
+    r["flops_ratio"] = 1.0 if r["method"] == "dense" else 1.0 - r["sparsity"]
+    r["train_flops_ratio"] = None if r["method"] == "set" else 1.0 - r["sparsity"] / 2
   text = rt.write_markdown(rows, str(tmp_path / "RESULTS.md"), meta)
-  assert "| rigl | 86.1 ± 0.2 | 84.1 ± 0.2 | 30 s |" in text
-  assert "| dense | 95.1 ± 0.2 (dense) |" in text
+  assert "| method | top-1 @ 90% | FLOPs train | FLOPs test | top-1 @ 95% |" in text
+  assert "| rigl | 86.1 ± 0.2 | 0.55× | 0.10× | 84.1 ± 0.2 | 0.53× | 0.05× | 30 s |" in text
+  assert "| set | 84.1 ± 0.2 | – | 0.10× |" in text  # train FLOPs unknown
+  assert "| dense | 95.1 ± 0.2 (dense) | 1.00× | 1.00× | 95.1 ± 0.2 (dense) |" in text
   assert "90%: the order holds on the means" in text
   assert (tmp_path / "RESULTS.md").read_text() == text
+  # Text written by hand below the marker survives a regeneration; the table is rewritten.
+  hand = f"{md.HAND_WRITTEN_MARKER}\n\n## Discussion\n\nWritten by hand.\n"
+  (tmp_path / "RESULTS.md").write_text("old table\n\n" + hand)
+  text = rt.write_markdown(rows, str(tmp_path / "RESULTS.md"), meta)
+  assert text.endswith(hand) and "old table" not in text and text.startswith("# sparsejax")
+  assert (tmp_path / "RESULTS.md").read_text() == text
+
+
+def test_results_table_refuses_a_finished_run_of_another_config(tmp_path):
+  from experiments import results_runs
+
+  run = results_runs.Run("srigl", "", "srigl", 0.95, 0, (("dst.gamma_sal", 0.9),), "g0.9")
+  assert run.name == "srigl-g0.9_s0.95_seed0"
+  config = results_runs.make_config(run, str(tmp_path), None)
+  assert config.dst.gamma_sal == 0.9 and config.dst.sparsity == 0.95 and config.dst.seed == 0
+  run_dir = tmp_path / run.name
+  run_dir.mkdir()
+  row = {"name": run.name, "test_accuracy": 0.5, "overrides": results_runs.overrides(config)}
+  (run_dir / "result.json").write_text(json.dumps(row))
+  assert results_runs.run_one(run, str(tmp_path), None) == row  # finished: read back
+  row["overrides"]["dst.gamma_sal"] = 0.3  # trained with another config file
+  (run_dir / "result.json").write_text(json.dumps(row))
+  with pytest.raises(ValueError, match=r"another config \(fields \['dst.gamma_sal'\] differ"):
+    results_runs.run_one(run, str(tmp_path), None)
+
+
+def test_srigl_study_plan_pins_its_variants():
+  from experiments import srigl_study
+
+  runs = srigl_study.plan([0, 1, 2])
+  names = [r.name for r in runs]
+  assert len(names) == len(set(names)) == 3 * len(srigl_study.VARIANTS)
+  assert "rigl_s0.95_seed0" in names  # the table's own RigL run is reused
+  base = {r.name: dict(r.overrides) for r in runs}["srigl-base_s0.95_seed1"]
+  assert base == dict(srigl_study.SRIGL_BASE)  # independent of configs/srigl.py's defaults
+  rows = {
+    name: {"seed": int(name[-1]), "test_accuracy": 0.5 + 0.01 * int(name[-1]), "name": name}
+    for name in names
+  }
+  for name in names:
+    if name.startswith("srigl-g0.9"):
+      rows[name]["test_accuracy"] -= 0.1
+  text = "\n".join(srigl_study.section(rows, [0, 1, 2]))
+  assert "| SRigL, γ_sal = 0.9 | `dst.gamma_sal=0.9` | 41.0 ± 2.5 | -10.0 ± 0.0 |" in text
+
+
+# -- baselines (issue 16): schedules, SNIP, block, global, training FLOPs ---------------------
+
+
+def test_gmp_follows_the_library_schedule_and_logs_its_target(shared, tmp_path):
+  """Masks change exactly at the schedule's pruning steps and reach its target there."""
+  import sparsejax as sj
+  from experiments import builders
+
+  config = _config("gmp", shared, checkpoint_every_steps=0)
+  train.train_and_evaluate(config, str(tmp_path))
+  records = _records(tmp_path)
+  # smoke: update_every 50, start 0, end 0.75 * 400 = 300; counts 0, 50, ..., 300.
+  steps = builders.gradual_update_steps(config, 400)
+  assert steps.tolist() == [0, 50, 100, 150, 200, 250, 300]
+  updates = [r for r in records if "dst/update_step" in r]
+  assert [r["dst/update_step"] for r in updates] == steps.tolist()
+  assert [r["step"] for r in updates] == (steps + 1).tolist()
+  expected = sj.gradual_sparsity(steps, sparsity=0.9, start_step=0, end_step=300, power=3.0)
+  np.testing.assert_allclose([r["dst/target_sparsity"] for r in updates], expected)
+  # Realised: the schedule's target up to per-layer rounding; masks only shrink.
+  realised = [r["sparsity/total"] for r in updates]
+  np.testing.assert_allclose(realised, expected, atol=2e-3)
+  assert realised == sorted(realised) and realised[-1] > realised[-2]
+  # Between pruning steps nothing moves: every record's mask sparsity is the last update's.
+  last = {}
+  for r in records:
+    if "dst/update_step" in r:
+      last = r
+    elif "sparsity/total" in r and r["step"] > 1:
+      assert r["sparsity/total"] == last["sparsity/total"], r["step"]
+  assert records[0]["sparsity/total"] == 0.0  # dense start
+  topo = M.read_jsonl(tmp_path / "topology.jsonl")
+  assert [t["step"] for t in topo] == [0, *(steps + 1).tolist()]
+
+
+def test_granet_keeps_exploring_after_the_pruning_ends(shared, tmp_path):
+  config = _config("granet", shared, checkpoint_every_steps=0)
+  train.train_and_evaluate(config, str(tmp_path))
+  updates = [r for r in _records(tmp_path) if "dst/update_step" in r]
+  # Pruning 0..300 every 50, regrowth (regrow_end_fraction 1) up to 350 (400 is not a step).
+  assert [r["dst/update_step"] for r in updates] == [0, 50, 100, 150, 200, 250, 300, 350]
+  assert updates[-1]["dst/target_sparsity"] == pytest.approx(0.9)
+  assert updates[-1]["sparsity/total"] == updates[-2]["sparsity/total"]  # nnz held
+  assert updates[-1]["dst/turnover"] > 0.0  # ... while the topology still moves
+  assert updates[0]["dst/drop_fraction"] == pytest.approx(0.5)
+
+
+def test_snip_run_starts_from_the_top_k_of_grad_times_weight(shared, tmp_path):
+  """The masks a SNIP run starts from are, per layer, the top-|g ⊙ w| of the first batch."""
+  import jax.numpy as jnp
+  import optax
+  from flax import nnx
+
+  import sparsejax as sj
+  from experiments import builders, config_lib
+  from experiments import data as data_lib
+
+  config = config_lib.validate_config(_config("snip", shared))
+  ds, _ = builders.load_data(config, str(tmp_path))
+  create = builders.model_factory(config, ds.input_shape, ds.num_classes)
+  order = list(builders.kernel_positions(create))
+  init = builders.initial_masks(config, order, create, ds)
+  tx = builders.build_transformation(config, 400, optax.constant_schedule(0.1), order, init)
+  _, optimizer, _ = train._init(create, tx, True)
+  masks = dict(sj.metrics.sparse_leaves(sj.get_masks(optimizer.opt_state)))
+  # Independently: the dense gradient of the first training batch at the initial weights.
+  model = create()
+  x, y = next(data_lib.BatchIterator(ds.x_train, ds.y_train, config.batch_size, config.seed))
+  grads = nnx.grad(
+    lambda m: optax.softmax_cross_entropy_with_integer_labels(m(jnp.asarray(x)), y).mean()
+  )(model)
+  params = dict(sj.metrics.sparse_leaves(nnx.state(model, nnx.Param)))
+  grads = dict(sj.metrics.sparse_leaves(grads))
+  assert set(masks) == {"convs/0/kernel", "convs/1/kernel", "convs/2/kernel", "head/kernel"}
+  for path, mask in masks.items():
+    score = np.abs(np.asarray(grads[path]) * np.asarray(params[path])).reshape(-1)
+    k = int(np.asarray(mask).sum())
+    expected = np.zeros(score.size, bool)
+    expected[np.argsort(-score, kind="stable")[:k]] = True
+    np.testing.assert_array_equal(np.asarray(mask).reshape(-1), expected, err_msg=path)
+  assert (
+    0
+    < sum(int(np.asarray(m).sum()) for m in masks.values())
+    < 0.11 * sum(np.asarray(m).size for m in masks.values())
+  )
+
+
+@pytest.mark.parametrize(
+  ("module", "overrides"),
+  [
+    ("rigl", {"dst__structure": "block:4x2", "dst__keep_first_dense": True}),
+    ("gmp", {"dst__structure": "block:4x2", "dst__keep_first_dense": True}),
+    ("gmp", {"dst__distribution": "global"}),
+    ("set", {"dst__init": "magnitude"}),
+  ],
+)
+def test_block_global_and_init_variants_run(shared, tmp_path, module, overrides):
+  config = _config(module, shared, checkpoint_every_steps=0, **overrides)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["step"] == 400 and result["train_step_compiles"] == 1
+  assert result["sparsity"] == pytest.approx(0.9, abs=0.02)
+  if "dst__structure" in overrides:  # 4 x 2 blocks: outputs in pairs, fan-ins multiples of 4
+    for rec in M.read_jsonl(tmp_path / "topology.jsonl"):
+      assert "convs/0/kernel" not in rec["fan_in"]  # kept dense
+      for layer, fan_in in rec["fan_in"].items():
+        pairs = np.asarray(fan_in).reshape(-1, 2)
+        assert (pairs[:, 0] == pairs[:, 1]).all() and (pairs % 4 == 0).all(), layer
+
+
+def test_training_flops_hand_worked_case():
+  from experiments.training_flops import training_flops
+
+  # Layers a (F = 100, mask density 0.5 then 0.2 from step 4) and b (F = 50, dense), 10
+  # steps, the dense weight gradient at step 3. Dense: 3 · 150 · 10 = 4500. Steps 0-3:
+  # 3 · (50 + 50) = 300 each; steps 4-9: 3 · (20 + 50) = 210 each; step 3's weight gradient
+  # of a is dense: + 100 · (1 - 0.5) = 50. Total 4 · 300 + 6 · 210 + 50 = 2510.
+  out = training_flops(
+    {"a": 100, "b": 50}, [(0, {"a": 0.5}), (4, {"a": 0.2})], 10, dense_grad_steps=[3]
+  )
+  assert out == {"dense": 4500.0, "sparse": 2510.0, "ratio": pytest.approx(2510 / 4500)}
+  # RigL's appendix H: density d, the dense gradient every ΔT steps: per ΔT steps
+  # (ΔT - 1)·3f_S + (2f_S + f_D).
+  d, dt, f = 0.1, 100, 1000.0
+  out = training_flops({"w": f}, [(0, {"w": d})], 10 * dt, dense_grad_steps=range(0, 10 * dt, dt))
+  per_cycle = (dt - 1) * 3 * d * f + 2 * d * f + f
+  assert out["ratio"] == pytest.approx(10 * per_cycle / (3 * f * 10 * dt))
+  # SNIP: one dense forward-backward pass before training; SR-STE: dense gradient every step.
+  out = training_flops({"w": f}, [(0, {"w": d})], 10, dense_init_steps=1)
+  assert out["ratio"] == pytest.approx((10 * 3 * d + 3) / 30)
+  out = training_flops({"w": f}, [(0, {"w": d})], 10, dense_grad_every_step=True)
+  assert out["ratio"] == pytest.approx((2 * d + 1) / 3)
+  # No record: dense; a record past the end is ignored.
+  assert training_flops({"w": f}, [], 10)["ratio"] == 1.0
+  assert training_flops({"w": f}, [(10, {"w": d})], 10)["ratio"] == 1.0
+  with pytest.raises(ValueError, match="ascending"):
+    training_flops({"w": f}, [(5, {"w": d}), (0, {"w": d})], 10)
+
+
+def test_training_flops_of_recorded_runs(shared, rigl_run, tmp_path):
+  """Static and SNIP: the inference ratio (plus SNIP's one dense step); RigL pays more."""
+  from experiments.training_flops import run_training_flops
+
+  static_dir, snip_dir = tmp_path / "static", tmp_path / "snip"
+  static = train.train_and_evaluate(_config("static", shared), str(static_dir))
+  snip = train.train_and_evaluate(_config("snip", shared), str(snip_dir))
+  ratio = static["flops_sparse"] / static["flops_dense"]
+  assert run_training_flops(str(static_dir))["ratio"] == pytest.approx(ratio)
+  ratio = snip["flops_sparse"] / snip["flops_dense"]
+  assert run_training_flops(str(snip_dir))["ratio"] == pytest.approx(ratio + 1 / 400)
+  rigl_dir, rigl = rigl_run
+  # Five updates (counts 50..250) with the dense weight gradient: 5 · (1 - d) / (3 · 400).
+  d = rigl["flops_sparse"] / rigl["flops_dense"]
+  assert run_training_flops(str(rigl_dir))["ratio"] == pytest.approx(d + 5 * (1 - d) / 1200)

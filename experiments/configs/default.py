@@ -12,20 +12,35 @@ is locked, so a misspelt field is an error.
 
 The ``config.dst`` vocabulary (ECOSYSTEM.md §1 row 4):
 
-* ``method``: ``dense``, ``static``, ``set``, ``rigl``, ``srigl``, ``nm_sr_ste``.
-* ``sparsity``: fraction of zeros over the sparse layers (not density).
-* ``distribution``: ``uniform``, ``erdos_renyi`` or ``erk``.
+* ``method``: ``dense``, ``static``, ``set``, ``rigl``, ``srigl``, ``gmp``, ``granet``,
+  ``nm_sr_ste``.
+* ``sparsity``: fraction of zeros over the sparse layers (not density); for ``gmp`` and
+  ``granet`` the final sparsity of the schedule.
+* ``distribution``: ``uniform``, ``erdos_renyi``, ``erk`` or ``global`` (one magnitude
+  ranking across the sparse layers).
 * ``update_every``: ΔT, steps between mask updates.
 * ``start_step``: first step that may update masks (exclusive, see ``sparsejax.dynamic_sparse``).
 * ``end_fraction``: mask updates stop at ``end_fraction · num_train_steps`` (0.75 as RigL/SRigL).
 * ``drop_fraction``, ``drop_fraction_decay``: α and its decay (``cosine`` or ``constant``).
-* ``structure``: ``unstructured``, ``nm:2:4`` (any ``nm:N:M``) or ``fan_in``.
+* ``structure``: ``unstructured``, ``nm:2:4`` (any ``nm:N:M``), ``fan_in`` or ``block:HxW``
+  (``h × w`` blocks of the kernel's ``[fan_in, n_out]`` view, all kept or all pruned).
 * ``drop``, ``grow``: criterion names (registered with ``sparsejax.register_criterion``);
   empty = the method's default.
 * ``grow_init``: value of newly grown weights.
 * ``keep_first_dense``, ``keep_last_dense``: keep the first/last kernel dense.
 * ``gamma_sal``: SRigL's neuron-ablation saliency threshold γ_sal.
+* ``ablation_fan_in``: SRigL's ablation threshold is γ_sal times the ``sparse`` (default, the
+  reference code's) or the ``dense`` fan-in.
 * ``seed``: seed of the initial masks and of random criteria.
+* ``init``: the masks a method starts from: ``""`` (the method's default: random masks,
+  dense for ``gmp``/``granet``), ``random``, ``dense``, ``magnitude`` (top-|w| of the
+  initial weights) or ``snip`` (top-|g ⊙ w| with one batch's gradient at initialization,
+  Lee et al. 2019); ``sparsejax.prune`` with the run's distribution and structure.
+* ``initial_sparsity``, ``power``: the sparsity schedule of ``gmp``/``granet``
+  (``s_t = s_f + (s_i − s_f)(1 − (t − t0)/(t_end − t0))^power``, ``t0 = start_step``,
+  ``t_end = end_fraction · num_train_steps``; ``sparsejax.gradual_sparsity``).
+* ``regrow_end_fraction``: ``granet`` keeps regrowing (sparsity held) until
+  ``regrow_end_fraction · num_train_steps`` (0: regrowth stops with the pruning).
 
 ``config.mesh`` (``data``, ``fsdp``, ``model`` axis sizes, ``min_shard_size``) runs the same
 experiment on a device mesh, e.g. 8 fake CPU devices::
@@ -90,22 +105,27 @@ def get_config(arg: str | None = None, *, method: str = "dense") -> ml_collectio
 
   # Dynamic sparse training.
   config.dst = ml_collections.ConfigDict()
-  config.dst.method = method  # dense | static | set | rigl | srigl | nm_sr_ste
+  config.dst.method = method  # dense | static | set | rigl | srigl | gmp | granet | nm_sr_ste
   config.dst.sparsity = 0.9
-  config.dst.distribution = "erk"  # uniform | erdos_renyi | erk
+  config.dst.distribution = "erk"  # uniform | erdos_renyi | erk | global
   config.dst.update_every = 100
   config.dst.start_step = 0
   config.dst.end_fraction = 0.75
   config.dst.drop_fraction = 0.3
   config.dst.drop_fraction_decay = "cosine"  # cosine | constant
-  config.dst.structure = "unstructured"  # unstructured | nm:N:M | fan_in
+  config.dst.structure = "unstructured"  # unstructured | nm:N:M | fan_in | block:HxW
   config.dst.drop = ""  # "" = the method's default criterion
   config.dst.grow = ""
   config.dst.grow_init = 0.0
   config.dst.keep_first_dense = False
   config.dst.keep_last_dense = False
   config.dst.gamma_sal = 0.3
+  config.dst.ablation_fan_in = "sparse"  # sparse | dense (SRigL)
   config.dst.seed = 0
+  config.dst.init = ""  # "" (method default) | random | dense | magnitude | snip
+  config.dst.initial_sparsity = 0.0  # gmp / granet
+  config.dst.power = 3.0  # gmp / granet
+  config.dst.regrow_end_fraction = 0.0  # granet (0 = end_fraction)
 
   # Devices: a ("data", "fsdp", "model") mesh of Auto axes (experiments/parallel.py).
   # 1, 1, 1 = one device; one size may be -1 (all remaining devices); at most two sizes > 1.
