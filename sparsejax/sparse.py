@@ -26,22 +26,25 @@ from sparsejax._src.kernels.sparse_native import native_cpu_isa as native_cpu_is
 from sparsejax._src.kernels.sparse_native import (
   native_unavailable_reason as native_unavailable_reason,
 )
+from sparsejax._src.kernels.sparse_native import topology_ops as topology_ops
 from sparsejax._src.kernels.sparse_train import select_method as select_method
 from sparsejax._src.kernels.sparse_train import sparse_matmul as sparse_matmul
 from sparsejax._src.kernels.sparse_train import sparse_matmul_reference as sparse_matmul_reference
+from sparsejax._src.kernels.sparse_train import update_topology as update_topology
 from sparsejax._src.transforms.sparse_dst import SlotMasks as SlotMasks
 from sparsejax._src.transforms.sparse_dst import SparseDST as SparseDST
 from sparsejax._src.transforms.sparse_dst import SparseDSTState as SparseDSTState
 from sparsejax._src.transforms.sparse_dst import TopologyUpdate as TopologyUpdate
 from sparsejax._src.transforms.sparse_dst import layer_capacity as layer_capacity
 from sparsejax._src.transforms.sparse_dst import truly_sparse as truly_sparse
-from sparsejax._src.transforms.sparse_dst import update_topology as update_topology
 from sparsejax._src.transforms.sparse_methods import dynamic_sparse as dynamic_sparse
 from sparsejax._src.transforms.sparse_methods import rigl as rigl
 from sparsejax._src.transforms.sparse_methods import set_ as set_
 from sparsejax._src.transforms.sparse_methods import srigl as srigl
 from sparsejax._src.transforms.sparse_methods import static_sparse as static_sparse
+from sparsejax._src.transforms.sparse_topology import XLA_OPS as XLA_OPS
 from sparsejax._src.transforms.sparse_topology import CSRTopology as CSRTopology
+from sparsejax._src.transforms.sparse_topology import TopologyOps as TopologyOps
 from sparsejax._src.transforms.sparse_topology import topology_from_mask as topology_from_mask
 
 if TYPE_CHECKING:  # the Flax layers and steps load lazily (see __getattr__ below)
@@ -88,7 +91,9 @@ __all__ = (
   "SparseCSR",
   "SparseDST",
   "SparseDSTState",
+  "TopologyOps",
   "TopologyUpdate",
+  "XLA_OPS",
   "dynamic_sparse",
   "layer_capacity",
   "native_available",
@@ -103,6 +108,7 @@ __all__ = (
   "srigl",
   "static_sparse",
   "topology_from_mask",
+  "topology_ops",
   "training_nbytes",
   "tree_nbytes",
   "truly_sparse",

@@ -30,6 +30,7 @@ from flax import nnx
 
 from sparsejax._src import tree
 from sparsejax._src.integration import sparse_layers
+from sparsejax._src.kernels import sparse_train
 from sparsejax._src.transforms import sparse_dst
 from sparsejax._src.transforms.sparse_topology import CSRTopology
 
@@ -96,7 +97,7 @@ def fan_in_out(kernel_shape) -> tuple[int, int]:
 
 def _apply_topology(tx, opt_state, params, grads, topologies, dense):
   """update_topology + tx.update + apply_updates on pure trees."""
-  upd = sparse_dst.update_topology(tx, opt_state, params, grads, topologies, dense)
+  upd = sparse_train.update_topology(tx, opt_state, params, grads, topologies, dense)
   updates, new_opt = tx.update(upd.grads, upd.opt_state, upd.params, sparse_slots=upd.sparse_slots)
   return optax.apply_updates(upd.params, updates), new_opt, upd.topologies
 

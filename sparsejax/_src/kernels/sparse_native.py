@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax._src.transforms import sparse_topology
 from sparsejax._src.transforms.sparse_topology import CSRTopology
 
 __all__ = [
@@ -33,7 +34,11 @@ __all__ = [
   "native_backward",
   "native_cpu_isa",
   "native_forward",
+  "native_mask",
+  "native_rebuild",
+  "native_to_dense",
   "native_unavailable_reason",
+  "topology_ops",
 ]
 
 logger = logging.getLogger("sparsejax.sparse")
@@ -181,3 +186,65 @@ def native_backward(
     **_attrs(isa, threads, tile),
   )
   return (dx if need_dx else None), dv
+
+
+# ---------------------------------------------------------------------------------------
+# Topology ops (DST update steps): dense views and the rebuild, in C++.
+# ---------------------------------------------------------------------------------------
+
+
+def native_to_dense(per_slot: jax.Array, topology: CSRTopology) -> jax.Array:
+  """``[n_in, n_out]`` float32 with ``per_slot`` at the active positions (0 elsewhere)."""
+  _require()
+  call = jax.ffi.ffi_call(
+    "sparsejax_csr_to_dense",
+    jax.ShapeDtypeStruct((topology.n_in, topology.n_out), jnp.float32),
+    vmap_method="sequential",
+  )
+  return call(per_slot, topology.csc_ptr, topology.csc_row, topology.csc_slot)
+
+
+def native_mask(topology: CSRTopology) -> jax.Array:
+  """bool ``[n_in, n_out]``: the active positions."""
+  _require()
+  call = jax.ffi.ffi_call(
+    "sparsejax_csr_mask",
+    jax.ShapeDtypeStruct((topology.n_in, topology.n_out), jnp.bool_),
+    vmap_method="sequential",
+  )
+  return call(topology.csc_ptr, topology.csc_row, topology.csc_slot)
+
+
+def native_rebuild(new_mask: jax.Array, old: CSRTopology) -> tuple[CSRTopology, jax.Array]:
+  """The topology of ``new_mask`` (``[n_in, n_out]``, at most ``C`` True) and, per new slot,
+  the old slot of the same weight (-1 for new weights and padding). One pass over the mask
+  (a counting sort); rows ascend within each column of the CSC view."""
+  _require()
+  cap = old.capacity
+  out = (
+    jax.ShapeDtypeStruct((cap,), old.col.dtype),
+    jax.ShapeDtypeStruct((old.n_out + 1,), jnp.int32),
+    jax.ShapeDtypeStruct((old.n_in + 1,), jnp.int32),
+    jax.ShapeDtypeStruct((cap,), old.csc_row.dtype),
+    jax.ShapeDtypeStruct((cap,), jnp.int32),
+    jax.ShapeDtypeStruct((cap,), jnp.int32),
+  )
+  call = jax.ffi.ffi_call("sparsejax_csr_rebuild", out, vmap_method="sequential")
+  col, row_ptr, csc_ptr, csc_row, csc_slot, prev = call(
+    new_mask.astype(jnp.bool_), old.col, old.row_ptr
+  )
+  new = CSRTopology(col, row_ptr, csc_ptr, csc_row, csc_slot, kernel_shape=old.kernel_shape)
+  return new, prev
+
+
+def _to_dense(per_slot: jax.Array, topology: CSRTopology) -> jax.Array:
+  if per_slot.dtype != jnp.float32:
+    return sparse_topology.scatter_slots(per_slot, topology)
+  return native_to_dense(per_slot, topology)
+
+
+def topology_ops() -> sparse_topology.TopologyOps:
+  """The native topology ops on the CPU backend when built, else the pure-XLA ones."""
+  if jax.default_backend() == "cpu" and native_available():
+    return sparse_topology.TopologyOps(to_dense=_to_dense, mask=native_mask, rebuild=native_rebuild)
+  return sparse_topology.XLA_OPS

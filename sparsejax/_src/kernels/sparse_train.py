@@ -32,10 +32,16 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from sparsejax._src.kernels import sparse_native
-from sparsejax._src.transforms import sparse_topology
+from sparsejax._src.transforms import sparse_dst, sparse_topology
 from sparsejax._src.transforms.sparse_topology import CSRTopology
 
-__all__ = ["Method", "select_method", "sparse_matmul", "sparse_matmul_reference"]
+__all__ = [
+  "Method",
+  "select_method",
+  "sparse_matmul",
+  "sparse_matmul_reference",
+  "update_topology",
+]
 
 Method = Literal["auto", "native", "xla"]
 _METHODS = ("auto", "native", "xla")
@@ -148,6 +154,28 @@ def _xla(x, values, topology, probe):
   if probe is not None:
     w = w + probe.astype(w.dtype)
   return jnp.dot(x, w.astype(x.dtype), preferred_element_type=x.dtype)
+
+
+def update_topology(
+  tx, opt_state, params, grads, topologies, dense_grads, *, ops=None
+) -> sparse_dst.TopologyUpdate:
+  """:func:`sparsejax._src.transforms.sparse_dst.update_topology` with the native C++
+  topology ops on the CPU (``ops=None``; else the given ``TopologyOps``).
+
+  Args:
+    tx: the :class:`~sparsejax.sparse.SparseDST`.
+    opt_state: its state.
+    params: the params (sparse layers' values at ``".../values"``).
+    grads: their gradients at this step.
+    topologies: ``{values path: CSRTopology}``.
+    dense_grads: ``{values path: [n_in, n_out] dense gradient}`` (the probes' gradients).
+    ops: override the topology ops (``sparse_topology.XLA_OPS`` for pure XLA).
+
+  Returns:
+    A :class:`~sparsejax.sparse.TopologyUpdate`.
+  """
+  ops = sparse_native.topology_ops() if ops is None else ops
+  return sparse_dst.update_topology(tx, opt_state, params, grads, topologies, dense_grads, ops=ops)
 
 
 def sparse_matmul_reference(x: jax.Array, values: jax.Array, topology: CSRTopology) -> jax.Array:

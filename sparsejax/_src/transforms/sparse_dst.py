@@ -272,17 +272,6 @@ def _rules_by_path(config, params, topologies) -> dict[str, step.LeafRule]:
   return out
 
 
-def _slot_map(old: CSRTopology, new: CSRTopology) -> tuple[jax.Array, SlotMasks]:
-  """For each new slot: the old slot it continues (0 if none) and kept/grown masks."""
-  old_slot = topo_lib.scatter_slots(jnp.arange(old.capacity, dtype=jnp.int32), old, -1)
-  rows = topo_lib.slot_rows(new)
-  valid = rows < new.n_out
-  prev = old_slot[new.col.astype(jnp.int32), jnp.minimum(rows, new.n_out - 1)]
-  prev = jnp.where(valid, prev, -1)
-  kept = prev >= 0
-  return jnp.maximum(prev, 0), SlotMasks(kept=kept, grown=valid & ~kept)
-
-
 def update_topology(
   tx: SparseDST,
   opt_state,
@@ -290,6 +279,8 @@ def update_topology(
   grads,
   topologies: Mapping[str, CSRTopology],
   dense_grads: Mapping[str, jax.Array],
+  *,
+  ops: topo_lib.TopologyOps | None = None,
 ) -> TopologyUpdate:
   """One mask update of every sparse layer (call on the schedule's update steps).
 
@@ -302,6 +293,8 @@ def update_topology(
       ``"a/b/values"``).
     dense_grads: ``{values path: [n_in, n_out] dense weight gradient}`` (``xᵀ·dy``; from
       the ``probe`` of :func:`sparsejax.sparse.sparse_matmul`).
+    ops: the dense-view and rebuild operations (default: pure XLA; ``sj.sparse``'s
+      ``update_topology`` passes the native C++ ones on the CPU).
 
   Returns:
     A :class:`TopologyUpdate`; then ``tx.update(out.grads, out.opt_state, out.params,
@@ -313,6 +306,7 @@ def update_topology(
   if not isinstance(tx, SparseDST):
     raise TypeError(f"`tx` must be a SparseDST (sj.sparse.truly_sparse), got {type(tx).__name__}.")
   config, state = tx.config, _find_state(opt_state)
+  ops = topo_lib.XLA_OPS if ops is None else ops
   missing = sorted(set(topologies) - set(dense_grads))
   if missing:
     raise ValueError(f"dense_grads is missing the sparse layers {missing}.")
@@ -321,27 +315,28 @@ def update_topology(
   rules = _rules_by_path(config, params, topologies)
   moments = step.inner_moments(config.inner, state.inner_state, len(paths), treedef)
   do_update = config.schedule.is_update(state.count)
-  flips, finite = {}, jnp.ones([], bool)
+  flips, masks, finite = {}, {}, jnp.ones([], bool)
   for path, t in topologies.items():
-    i, rule = paths.index(path), rules[path]
-    shape = t.kernel_shape
-    dense = [topo_lib.scatter_slots(m, t).reshape(shape) for m in moments[i]]
+    i, rule, shape = paths.index(path), rules[path], t.kernel_shape
+    masks[path] = ops.mask(t).reshape(shape)
     flips[path], ok = step.leaf_flips(
-      dataclasses.replace(rule, index=i),
+      rule,
       state.count,
       state.key,
-      topo_lib.dense_kernel(p_leaves[i], t),
+      ops.to_dense(p_leaves[i], t).reshape(shape),
       jnp.asarray(dense_grads[path]).reshape(shape).astype(p_leaves[i].dtype),
-      topo_lib.dense_mask(t).reshape(shape),
-      tuple(dense),
+      masks[path],
+      tuple(ops.to_dense(m, t).reshape(shape) for m in moments[i]),
     )
     finite = finite & ok
   change = do_update & finite
   new_topos, slots, perms = {}, {}, {}
   for path, t in topologies.items():
-    new_mask = topo_lib.dense_mask(t).reshape(t.kernel_shape) ^ (flips[path] & change)
-    new_topos[path], _ = topo_lib.topology_from_mask(new_mask, t.capacity, t.kernel_shape)
-    perms[path], slots[path] = _slot_map(t, new_topos[path])
+    new_mask = (masks[path] ^ (flips[path] & change)).reshape(t.n_in, t.n_out)
+    new_topos[path], prev = ops.rebuild(new_mask, t)
+    valid = jnp.arange(t.capacity, dtype=jnp.int32) < new_topos[path].nnz
+    kept = prev >= 0
+    perms[path], slots[path] = jnp.maximum(prev, 0), SlotMasks(kept=kept, grown=valid & ~kept)
 
   def permute(leaf, path):
     if path not in perms:

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -204,3 +205,37 @@ def gather_slots(dense: jax.Array, topology: CSRTopology) -> jax.Array:
   valid = rows < topology.n_out
   out = d[topology.col.astype(jnp.int32), jnp.minimum(rows, topology.n_out - 1)]
   return jnp.where(valid, out, jnp.zeros_like(out))
+
+
+def previous_slots(old: CSRTopology, new: CSRTopology) -> jax.Array:
+  """int32 ``[C]``: for each slot of ``new``, the slot of ``old`` holding the same weight
+  (-1 for new weights and padding)."""
+  old_slot = scatter_slots(jnp.arange(old.capacity, dtype=jnp.int32), old, -1)
+  rows = slot_rows(new)
+  valid = rows < new.n_out
+  prev = old_slot[new.col.astype(jnp.int32), jnp.minimum(rows, new.n_out - 1)]
+  return jnp.where(valid, prev, -1)
+
+
+def rebuild(new_mask: jax.Array, old: CSRTopology) -> tuple[CSRTopology, jax.Array]:
+  """The topology of ``new_mask`` (same capacity) and :func:`previous_slots` from ``old``."""
+  new, _ = topology_from_mask(new_mask, old.capacity, old.kernel_shape)
+  return new, previous_slots(old, new)
+
+
+class TopologyOps(NamedTuple):
+  """The dense views a topology update needs (pure XLA here; native C++ on the CPU).
+
+  Attributes:
+    to_dense: ``(per_slot [C], topology) -> [n_in, n_out]`` (0 at inactive positions).
+    mask: ``topology -> bool [n_in, n_out]``.
+    rebuild: ``(new_mask [n_in, n_out], old topology) -> (new topology, previous slots)``.
+  """
+
+  to_dense: Callable[[jax.Array, CSRTopology], jax.Array]
+  mask: Callable[[CSRTopology], jax.Array]
+  rebuild: Callable[[jax.Array, CSRTopology], tuple[CSRTopology, jax.Array]]
+
+
+XLA_OPS = TopologyOps(to_dense=scatter_slots, mask=dense_mask, rebuild=rebuild)
+"""Pure-XLA topology ops (every backend and dtype)."""

@@ -727,6 +727,217 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   return ffi::Error::Success();
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Topology kernels (DST update steps only): dense views and the rebuild after a mask update.
+// ---------------------------------------------------------------------------------------
+
+template <typename RowT>
+void CscToDense(const float* values, const int32_t* cptr, const RowT* crow, const int32_t* cslot,
+                int64_t i0, int64_t i1, int64_t n_out, float* dense) {
+  for (int64_t i = i0; i < i1; ++i) {
+    float* d = dense + i * n_out;
+    std::memset(d, 0, sizeof(float) * n_out);
+    for (int32_t q = cptr[i]; q < cptr[i + 1]; ++q) d[crow[q]] = values ? values[cslot[q]] : 1.0f;
+  }
+}
+
+template <typename RowT>
+void CscToMask(const int32_t* cptr, const RowT* crow, int64_t i0, int64_t i1, int64_t n_out,
+               bool* mask) {
+  for (int64_t i = i0; i < i1; ++i) {
+    bool* m = mask + i * n_out;
+    std::memset(m, 0, n_out);
+    for (int32_t q = cptr[i]; q < cptr[i + 1]; ++q) m[crow[q]] = true;
+  }
+}
+
+std::string CheckCsc(const ffi::Buffer<ffi::S32>& csc_ptr, const ffi::AnyBuffer& csc_row,
+                     const ffi::Buffer<ffi::S32>& csc_slot, int64_t n_in, int64_t n_out) {
+  const int64_t C = csc_slot.dimensions()[0];
+  if (csc_ptr.dimensions()[0] != n_in + 1 || csc_row.dimensions()[0] != C) {
+    return "inconsistent CSC shapes";
+  }
+  if (!IsIndexType(csc_row)) return "csc_row must be int16 or int32";
+  const int32_t* cptr = csc_ptr.typed_data();
+  std::string err = CheckPtr("csc_ptr", cptr, n_in, C);
+  if (err.empty()) err = CheckIndex("csc_row", csc_row, cptr[n_in], n_out);
+  if (err.empty()) err = CheckRange("csc_slot", csc_slot.typed_data(), cptr[n_in], C);
+  return err;
+}
+
+// dense [n_in, n_out] = the per-slot values at their positions (0 elsewhere); parallel
+// over input rows (each thread writes its own rows: no false sharing).
+ffi::Error ToDenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
+                       ffi::Buffer<ffi::S32> csc_ptr, ffi::AnyBuffer csc_row,
+                       ffi::Buffer<ffi::S32> csc_slot, ffi::ResultBuffer<ffi::F32> dense) {
+  const auto dd = dense->dimensions();
+  if (dd.size() != 2 || values.dimensions().size() != 1 ||
+      values.dimensions()[0] != csc_slot.dimensions()[0]) {
+    return Invalid("csr to dense", "expected values [C] and dense [n_in, n_out]");
+  }
+  const int64_t n_in = dd[0], n_out = dd[1];
+  const std::string err = CheckCsc(csc_ptr, csc_row, csc_slot, n_in, n_out);
+  if (!err.empty()) return Invalid("csr to dense", err);
+  const Threads th = PickThreads(pool, 0, n_in * n_out);
+  const std::vector<int64_t> b = ChunkRows(csc_ptr.typed_data(), n_in, th.n == 1 ? 1 : 4 * th.n);
+  const int64_t nc = static_cast<int64_t>(b.size()) - 1;
+  RunParallel(pool, th.n, nc, [&](int64_t c) {
+    if (csc_row.element_type() == ffi::DataType::S16) {
+      CscToDense(values.typed_data(), csc_ptr.typed_data(),
+                 static_cast<const int16_t*>(csc_row.untyped_data()), csc_slot.typed_data(), b[c],
+                 b[c + 1], n_out, dense->typed_data());
+    } else {
+      CscToDense(values.typed_data(), csc_ptr.typed_data(),
+                 static_cast<const int32_t*>(csc_row.untyped_data()), csc_slot.typed_data(), b[c],
+                 b[c + 1], n_out, dense->typed_data());
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error ToMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> csc_ptr, ffi::AnyBuffer csc_row,
+                      ffi::Buffer<ffi::S32> csc_slot, ffi::ResultBuffer<ffi::PRED> mask) {
+  const auto md = mask->dimensions();
+  if (md.size() != 2) return Invalid("csr mask", "expected mask [n_in, n_out]");
+  const int64_t n_in = md[0], n_out = md[1];
+  const std::string err = CheckCsc(csc_ptr, csc_row, csc_slot, n_in, n_out);
+  if (!err.empty()) return Invalid("csr mask", err);
+  const Threads th = PickThreads(pool, 0, n_in * n_out);
+  const std::vector<int64_t> b = ChunkRows(csc_ptr.typed_data(), n_in, th.n == 1 ? 1 : 4 * th.n);
+  const int64_t nc = static_cast<int64_t>(b.size()) - 1;
+  bool* out = reinterpret_cast<bool*>(mask->untyped_data());
+  RunParallel(pool, th.n, nc, [&](int64_t c) {
+    if (csc_row.element_type() == ffi::DataType::S16) {
+      CscToMask(csc_ptr.typed_data(), static_cast<const int16_t*>(csc_row.untyped_data()), b[c],
+                b[c + 1], n_out, out);
+    } else {
+      CscToMask(csc_ptr.typed_data(), static_cast<const int32_t*>(csc_row.untyped_data()), b[c],
+                b[c + 1], n_out, out);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+#if SJ_X86 && defined(__GNUC__)
+// Bit t of the result is set when m[t] != 0 (32 bytes).
+__attribute__((target("avx2"))) inline uint32_t NonzeroBits32(const uint8_t* m) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m));
+  return ~static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(v, _mm256_setzero_si256())));
+}
+#endif
+
+// Calls fn(j) for every j < n with m[j] != 0, in increasing order.
+template <typename Fn>
+inline void ForEachTrue(const uint8_t* m, int64_t n, bool simd, Fn&& fn) {
+  int64_t j = 0;
+#if SJ_X86 && defined(__GNUC__)
+  if (simd) {
+    for (; j + 32 <= n; j += 32) {
+      uint32_t bits = NonzeroBits32(m + j);
+      while (bits) {
+        fn(j + __builtin_ctz(bits));
+        bits &= bits - 1;
+      }
+    }
+  }
+#else
+  (void)simd;
+#endif
+  for (; j < n; ++j)
+    if (m[j]) fn(j);
+}
+
+template <typename ColT, typename RowT>
+std::string Rebuild(const uint8_t* mask, int64_t n_in, int64_t n_out, int64_t C,
+                    const ColT* old_col, const int32_t* old_ptr, ColT* col, int32_t* row_ptr,
+                    int32_t* csc_ptr, RowT* csc_row, int32_t* csc_slot, int32_t* prev) {
+  const bool simd = SupportedIsa() >= kAvx2;
+  std::vector<int32_t> count(n_out, 0);
+  csc_ptr[0] = 0;
+  for (int64_t i = 0; i < n_in; ++i) {
+    int32_t in_row = 0;
+    ForEachTrue(mask + i * n_out, n_out, simd, [&](int64_t j) {
+      ++count[j];
+      ++in_row;
+    });
+    csc_ptr[i + 1] = csc_ptr[i] + in_row;
+    if (csc_ptr[i + 1] > C) {
+      return "the new mask has more than " + std::to_string(C) + " active weights (the capacity)";
+    }
+  }
+  row_ptr[0] = 0;
+  for (int64_t j = 0; j < n_out; ++j) row_ptr[j + 1] = row_ptr[j] + count[j];
+  const int32_t nnz = row_ptr[n_out];
+  std::vector<int32_t> next(row_ptr, row_ptr + n_out);
+  for (int64_t i = 0; i < n_in; ++i) {
+    int32_t q = csc_ptr[i];
+    ForEachTrue(mask + i * n_out, n_out, simd, [&](int64_t j) {
+      const int32_t slot = next[j]++;
+      col[slot] = static_cast<ColT>(i);
+      csc_row[q] = static_cast<RowT>(j);
+      csc_slot[q] = slot;
+      ++q;
+    });
+  }
+  for (int64_t p = nnz; p < C; ++p) {
+    col[p] = 0;
+    csc_row[p] = 0;
+    csc_slot[p] = 0;
+    prev[p] = -1;
+  }
+  // Old slot of each new slot: merge the old and new rows (both ascending in col).
+  for (int64_t j = 0; j < n_out; ++j) {
+    int32_t a = old_ptr[j];
+    const int32_t a1 = old_ptr[j + 1];
+    for (int32_t p = row_ptr[j]; p < row_ptr[j + 1]; ++p) {
+      while (a < a1 && old_col[a] < col[p]) ++a;
+      prev[p] = (a < a1 && old_col[a] == col[p]) ? a : -1;
+    }
+  }
+  return "";
+}
+
+// From the new mask [n_in, n_out] and the old CSR (col, row_ptr): the new topology and,
+// per new slot, the old slot of the same weight (-1 for grown slots and padding).
+ffi::Error RebuildImpl(ffi::Buffer<ffi::PRED> mask, ffi::AnyBuffer old_col,
+                       ffi::Buffer<ffi::S32> old_row_ptr, ffi::Result<ffi::AnyBuffer> col,
+                       ffi::ResultBuffer<ffi::S32> row_ptr, ffi::ResultBuffer<ffi::S32> csc_ptr,
+                       ffi::Result<ffi::AnyBuffer> csc_row, ffi::ResultBuffer<ffi::S32> csc_slot,
+                       ffi::ResultBuffer<ffi::S32> prev) {
+  const auto md = mask.dimensions();
+  if (md.size() != 2) return Invalid("csr rebuild", "expected mask [n_in, n_out]");
+  const int64_t n_in = md[0], n_out = md[1], C = old_col.dimensions()[0];
+  if (old_row_ptr.dimensions()[0] != n_out + 1 || col->dimensions()[0] != C ||
+      row_ptr->dimensions()[0] != n_out + 1 || csc_ptr->dimensions()[0] != n_in + 1 ||
+      csc_row->dimensions()[0] != C || csc_slot->dimensions()[0] != C || prev->dimensions()[0] != C ||
+      col->element_type() != old_col.element_type() || !IsIndexType(old_col) ||
+      !IsIndexType(*csc_row)) {
+    return Invalid("csr rebuild", "inconsistent shapes or dtypes");
+  }
+  std::string err = CheckPtr("row_ptr", old_row_ptr.typed_data(), n_out, C);
+  if (err.empty()) err = CheckIndex("col", old_col, old_row_ptr.typed_data()[n_out], n_in);
+  if (!err.empty()) return Invalid("csr rebuild", err);
+  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.untyped_data());
+  const bool c16 = old_col.element_type() == ffi::DataType::S16;
+  const bool r16 = csc_row->element_type() == ffi::DataType::S16;
+  const int32_t* optr = old_row_ptr.typed_data();
+  auto run = [&](auto col_tag, auto row_tag) {
+    using ColT = decltype(col_tag);
+    using RowT = decltype(row_tag);
+    return Rebuild<ColT, RowT>(m, n_in, n_out, C, static_cast<const ColT*>(old_col.untyped_data()),
+                               optr, static_cast<ColT*>(col->untyped_data()), row_ptr->typed_data(),
+                               csc_ptr->typed_data(), static_cast<RowT*>(csc_row->untyped_data()),
+                               csc_slot->typed_data(), prev->typed_data());
+  };
+  if (c16 && r16) err = run(int16_t{}, int16_t{});
+  if (c16 && !r16) err = run(int16_t{}, int32_t{});
+  if (!c16 && r16) err = run(int32_t{}, int16_t{});
+  if (!c16 && !r16) err = run(int32_t{}, int32_t{});
+  if (!err.empty()) return Invalid("csr rebuild", err);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 }  // namespace sparsejax_train
 
@@ -760,6 +971,36 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxSparseBackward, sparsejax_train::Backward
                                   .Attr<int64_t>("tile")
                                   .Attr<int64_t>("need_dx"));
 
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxCsrToDense, sparsejax_train::ToDenseImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // values [C]
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // csc_ptr
+                                  .Arg<ffi::AnyBuffer>()         // csc_row
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // csc_slot
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dense [n_in, n_out]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxCsrMask, sparsejax_train::ToMaskImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // csc_ptr
+                                  .Arg<ffi::AnyBuffer>()         // csc_row
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // csc_slot
+                                  .Ret<ffi::Buffer<ffi::PRED>>());  // mask [n_in, n_out]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxCsrRebuild, sparsejax_train::RebuildImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // new mask [n_in, n_out]
+                                  .Arg<ffi::AnyBuffer>()          // old col
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // old row_ptr
+                                  .Ret<ffi::AnyBuffer>()          // col
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // row_ptr
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // csc_ptr
+                                  .Ret<ffi::AnyBuffer>()          // csc_row
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // csc_slot
+                                  .Ret<ffi::Buffer<ffi::S32>>());  // prev (old slot or -1)
+
 // ---------------------------------------------------------------------------------------
 // Python module: hands the handlers to jax.ffi.register_ffi_target.
 // ---------------------------------------------------------------------------------------
@@ -776,7 +1017,10 @@ static PyObject* Registrations(PyObject*, PyObject*) {
   PyObject* dict = PyDict_New();
   if (dict == nullptr) return nullptr;
   if (!AddCapsule(dict, "sparsejax_sparse_fwd", reinterpret_cast<void*>(&SparsejaxSparseForward)) ||
-      !AddCapsule(dict, "sparsejax_sparse_bwd", reinterpret_cast<void*>(&SparsejaxSparseBackward))) {
+      !AddCapsule(dict, "sparsejax_sparse_bwd", reinterpret_cast<void*>(&SparsejaxSparseBackward)) ||
+      !AddCapsule(dict, "sparsejax_csr_to_dense", reinterpret_cast<void*>(&SparsejaxCsrToDense)) ||
+      !AddCapsule(dict, "sparsejax_csr_mask", reinterpret_cast<void*>(&SparsejaxCsrMask)) ||
+      !AddCapsule(dict, "sparsejax_csr_rebuild", reinterpret_cast<void*>(&SparsejaxCsrRebuild))) {
     Py_DECREF(dict);
     return nullptr;
   }
