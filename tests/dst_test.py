@@ -164,11 +164,13 @@ def test_set_hand_worked_drop_and_documented_random_growth():
   state = _set_state(tx, params, MASK, count=1)
   _, new_state = tx.update({"w": GRAD}, state, params)
   # Documented key derivation: update t of leaf i uses fold_in(fold_in(key, t), i), split
-  # into (drop_key, grow_key); SET grows the top uniform(grow_key) scores.
+  # into (drop_key, grow_key); SET grows the top random_scores (a keyed hash of the index).
   _, grow_key = jax.random.split(
     jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(3), 1), 0)
   )
-  scores = np.asarray(jax.random.uniform(grow_key, (2, 4)))
+  ctx = sj.ScoreContext(W, GRAD, jnp.asarray(MASK), grow_key, jnp.int32(1), "w", ())
+  scores = np.asarray(sj.random_scores(ctx))
+  assert scores.shape == (2, 4) and len(set(scores.ravel().tolist())) == 8
   kept = np.array([[0, 1, 0, 1], [0, 1, 0, 0]], bool)  # drop (1,2)=0.05 and (0,0)=0.1
   cand = np.where(~kept, scores, -1).reshape(-1)
   grown = np.zeros(8, bool)

@@ -37,6 +37,7 @@ def _train_srigl(model, x, y, steps=12, **kwargs):
     update_every=3,
     end_step=100,
     gamma_sal=0.9,
+    last_layer="^out/",  # the output layer is never ablated
     **kwargs,
   )
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)

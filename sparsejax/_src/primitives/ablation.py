@@ -58,7 +58,7 @@ def neurons_to_ablate(
   salient = selection.topk_mask(jnp.abs(weights), n_keep) | selection.topk_mask(
     jnp.abs(grads), n_drop
   )
-  counts = jnp.sum(salient, axis=0, dtype=jnp.int32)
+  counts = selection.count_true(salient, axis=0)[0]
   guard = jnp.sort(counts)[::-1][min_neurons]  # (min_neurons+1)-th largest count
   threshold = jnp.minimum(jnp.int32(threshold), guard)
   return counts < threshold

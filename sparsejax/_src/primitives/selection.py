@@ -10,18 +10,23 @@ never a sort. The strategy is chosen statically from the shapes:
 
 * short slices (N:M groups, ``len <= 16``): each entry is ranked by pairwise comparison
   with the other entries of its slice (``len`` elementwise passes);
-* otherwise, when the bins fit: 16-bit (few slices) or 8-bit histogram passes (two or
-  four scatter-adds into ``2**16`` or 256 bins per slice) find the k-th largest key
-  exactly;
+* otherwise, when the bins fit (at most ``2**20`` per pass): 16-bit (up to 16 slices),
+  8-bit or 4-bit histogram passes (two, four or eight scatter-adds into ``2**16``, 256 or
+  16 bins per slice) find the k-th largest key exactly;
 * otherwise: a 32-step bitwise binary search of counting passes.
 
-Ties at the threshold are broken by index with one cumulative sum, only when they
-straddle the threshold (``lax.cond``). Cost is O(n) per selection with no ``n log n``
-sort, which is what makes mask updates of 4096² layers cheap (see
-``benchmarks/mask_update.py``).
+Ties at the threshold are broken by index with a second radix select, on the entries'
+indices (the lowest indices among the tied entries win), only when ties straddle the
+threshold (``lax.cond``). Large arrays are processed in row chunks of about 64K entries
+(a ``fori_loop`` of histogram scatter-adds), so a selection's temporaries stay a few
+hundred KiB whatever the layer size: no full copy of the keys, bins or a cumulative sum
+is materialised. Cost is O(n) per selection with no ``n log n`` sort, which is what makes
+mask updates of 4096² layers cheap (see ``benchmarks/mask_update.py``).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -29,16 +34,24 @@ from jax import lax
 
 _SIGN_BIT = jnp.uint32(0x80000000)
 
+# Static strategy thresholds (see topk_mask).
+_PAIRWISE_MAX = 16
+# At most 2**20 int32 histogram bins (4 MiB) per pass: 16-bit digits for up to 16 slices,
+# then 8-bit (4096 slices), then 4-bit (65536 slices), then counting passes.
+_HISTOGRAM_MAX_BINS = 1 << 20
+# Arrays above this many entries are processed in row chunks of about _CHUNK entries.
+_CHUNK = 1 << 16
+_CHUNK_ABOVE = 1 << 17
+_MAX_CHUNKS = 4096
+
 
 def _ordered_keys(scores: jax.Array) -> jax.Array:
   """Maps float scores to uint32 keys with the same order (larger score, larger key).
 
-  -0.0 maps to the key of +0.0 (equal scores tie, and ties go by index). -inf maps above
-  every NaN bit pattern with the sign bit set, and +NaN maps above +inf; callers that may
-  see NaN must check for it (the DST wrapper skips such updates).
+  -inf maps above every NaN bit pattern with the sign bit set, and +NaN maps above +inf;
+  callers that may see NaN must check for it (the DST wrapper skips such updates).
   """
   bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
-  bits = jnp.where(bits == _SIGN_BIT, jnp.uint32(0), bits)  # -0.0 -> +0.0
   negative = (bits & _SIGN_BIT) != 0
   return jnp.where(negative, ~bits, bits | _SIGN_BIT)
 
@@ -76,41 +89,37 @@ def topk_mask(
   scores = jnp.asarray(scores)
   _check_count("k", k)
   if axis is None:
-    flat = topk_mask(
-      scores.reshape(-1),
-      jnp.reshape(jnp.asarray(k, jnp.int32), (1,)),
-      axis=0,
-      candidates=None if candidates is None else candidates.reshape(-1),
-    )
-    return flat.reshape(scores.shape)
-
+    # One group over the whole array, on a free 2-D view [.., last axis] (no flattening
+    # copy): rows are chunked, entries ranked by flat index for ties.
+    view_shape = (-1, scores.shape[-1]) if scores.ndim >= 2 else (-1, 1)
+    view = scores.reshape(view_shape)
+    if view.shape[0] <= _PAIRWISE_MAX and view.shape[1] == 1:
+      flat = topk_mask(
+        scores.reshape(-1),
+        jnp.reshape(jnp.asarray(k, jnp.int32), (1,)),
+        axis=0,
+        candidates=None if candidates is None else candidates.reshape(-1),
+      )
+      return flat.reshape(scores.shape)
+    cands = None if candidates is None else candidates.reshape(view.shape)
+    k = jnp.reshape(jnp.asarray(k, jnp.int32), (1, 1))
+    return _select_2d(view, k, cands, per_column=False).reshape(scores.shape)
   axis = axis % scores.ndim
-  keys = _ordered_keys(scores)
-  if candidates is not None:
-    # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF), and are
-    # never counted: every threshold found below is >= 1 whenever k >= 1.
-    keys = jnp.where(candidates, keys, jnp.uint32(0))
   reduced_shape = scores.shape[:axis] + (1,) + scores.shape[axis + 1 :]
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), reduced_shape)
-  group_len = scores.shape[axis]
-  n_groups = scores.size // max(group_len, 1)
-  if group_len <= _PAIRWISE_MAX:
+  if scores.shape[axis] <= _PAIRWISE_MAX:
+    keys = _ordered_keys(scores)
+    if candidates is not None:
+      keys = jnp.where(candidates, keys, jnp.uint32(0))
     return _select_by_rank(keys, k, axis)
-  if n_groups * (1 << 16) <= _HISTOGRAM_MAX_BINS:
-    threshold, n_above, n_at = _threshold_by_histogram(keys, k, axis, width=16)
-  elif n_groups * (1 << 8) <= _HISTOGRAM_MAX_BINS:
-    threshold, n_above, n_at = _threshold_by_histogram(keys, k, axis, width=8)
-  else:
-    threshold, n_above, n_at = _threshold_by_bits(keys, k, axis)
-  above = keys > threshold
-  at = (keys == threshold) & (threshold != 0) & (k >= 1)
-  need = k - n_above
-
-  def break_ties():
-    rank = _cumsum(at, axis)  # 1-based rank among the ties, in index order
-    return above | (at & (rank <= need))
-
-  return lax.cond(jnp.all(n_at <= need), lambda: above | at, break_ties)
+  # The selection axis first, the other axes flattened: [L, G] (a copy only if axis != 0).
+  moved = jnp.moveaxis(scores, axis, 0)
+  view = moved.reshape(moved.shape[0], -1)
+  cands = None
+  if candidates is not None:
+    cands = jnp.moveaxis(candidates, axis, 0).reshape(view.shape)
+  selected = _select_2d(view, jnp.moveaxis(k, axis, 0).reshape(1, -1), cands, per_column=True)
+  return jnp.moveaxis(selected.reshape(moved.shape), 0, axis)
 
 
 def _check_count(name: str, k) -> None:
@@ -122,15 +131,6 @@ def _check_count(name: str, k) -> None:
   dtype = getattr(k, "dtype", None)
   if dtype is not None and not jnp.issubdtype(dtype, jnp.integer):
     raise TypeError(f"`{name}` must be an integer count (an int or int array), got dtype {dtype}.")
-
-
-# Static strategy thresholds (see topk_mask).
-_PAIRWISE_MAX = 16
-_HISTOGRAM_MAX_BINS = 1 << 24
-
-
-def _count(selected: jax.Array, axis: int) -> jax.Array:
-  return jnp.sum(selected, axis=axis, keepdims=True, dtype=jnp.int32)
 
 
 def _select_by_rank(keys: jax.Array, k: jax.Array, axis: int) -> jax.Array:
@@ -145,52 +145,148 @@ def _select_by_rank(keys: jax.Array, k: jax.Array, axis: int) -> jax.Array:
   return (keys != 0) & (rank < k)
 
 
-def _group_ids(shape: tuple[int, ...], axis: int) -> jax.Array | int:
-  """int32 id of each entry's slice along ``axis`` (row-major over the other axes)."""
-  gid: jax.Array | int = 0
-  stride = 1
-  for d in reversed(range(len(shape))):
-    if d == axis:
-      continue
-    gid = gid + lax.broadcasted_iota(jnp.int32, shape, d) * stride
-    stride *= shape[d]
-  return gid
+def _chunk_rows(n_rows: int, n_cols: int) -> int:
+  """Rows per chunk: all rows for small arrays, else the largest divisor of ``n_rows``
+  with at most ``_CHUNK`` entries per chunk (all rows when that would need too many)."""
+  if n_rows * n_cols <= _CHUNK_ABOVE:
+    return n_rows
+  best = 1
+  for c in range(1, max(1, _CHUNK // max(n_cols, 1)) + 1):
+    if n_rows % c == 0:
+      best = c
+  return best if n_rows // best <= _MAX_CHUNKS else n_rows
 
 
-def _threshold_by_histogram(keys: jax.Array, k: jax.Array, axis: int, width: int):
-  """k-th largest key per slice by radix select with ``width``-bit histogram passes.
+def count_true(mask: jax.Array, axis: int | None = None) -> jax.Array:
+  """int32 count of True entries: in total (``axis=None``) or along ``axis`` (keepdims).
 
-  ``32 // width`` passes, each a scatter-add of every entry into ``2**width`` bins of its
-  slice. Returns ``(threshold, n_above, n_at)`` in the reduced (keepdims) shape;
-  ``threshold`` is 0 when ``k`` exceeds the number of candidates (everything above 0, i.e.
-  every candidate, is then selected) and the largest key when ``k <= 0``.
+  Large masks are summed in row chunks, so no int32 copy of the whole mask is made (XLA on
+  the CPU materialises the conversion in front of a reduction).
   """
-  reduced_shape = k.shape
+  if axis is not None and axis % max(mask.ndim, 1) != 0:
+    return jnp.sum(mask, axis=axis, keepdims=True, dtype=jnp.int32)
+  view = mask.reshape(mask.shape[0], -1) if mask.ndim >= 2 else mask.reshape(-1, 1)
+  rows = _chunk_rows(*view.shape)
+  axes = (0,) if axis is not None else (0, 1)
+
+  def add(i, acc):
+    part = view if rows == view.shape[0] else lax.dynamic_slice_in_dim(view, i * rows, rows)
+    return acc + jnp.sum(part, axis=axes, keepdims=True, dtype=jnp.int32)
+
+  init = jnp.zeros((1, view.shape[1]) if axis is not None else (1, 1), jnp.int32)
+  total = _for_chunks(view.shape[0] // rows, add, init)
+  if axis is None:
+    return total.reshape(())
+  return total.reshape((1,) + mask.shape[1:])
+
+
+def _for_chunks(n_chunks: int, body: Callable, init):
+  """``body(i, carry)`` over the chunks: a ``fori_loop``, or one call for one chunk."""
+  if n_chunks == 1:
+    return body(0, init)
+  return lax.fori_loop(0, n_chunks, body, init)
+
+
+def _select_2d(
+  scores: jax.Array, k: jax.Array, candidates: jax.Array | None, *, per_column: bool
+) -> jax.Array:
+  """Top-``k`` of ``[L, G]`` scores: per column (``k`` is ``[1, G]``) or over the whole
+  array (``per_column=False``, ``k`` is ``[1, 1]``, ties by row-major flat index)."""
+  n_rows, n_cols = scores.shape
+  rows = _chunk_rows(n_rows, n_cols)
+  n_chunks = n_rows // rows
+
+  def score_keys(x, cands):
+    keys = _ordered_keys(x)
+    # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF), and are
+    # never counted: every threshold found below is >= 1 whenever k >= 1.
+    return keys if cands is None else jnp.where(cands, keys, jnp.uint32(0))
+
+  def chunk(i):
+    if n_chunks == 1:
+      return score_keys(scores, candidates)
+    cands = None if candidates is None else lax.dynamic_slice_in_dim(candidates, i * rows, rows)
+    return score_keys(lax.dynamic_slice_in_dim(scores, i * rows, rows), cands)
+
+  threshold, n_above, n_at = _radix_threshold(chunk, n_chunks, k, per_column)
+  need = k - n_above
+
+  def above_and_at():
+    # One elementwise pass from the scores: the keys are never materialised.
+    keys = score_keys(scores, candidates)
+    return keys > threshold, (keys == threshold) & (threshold != 0) & (k >= 1)
+
+  def order_key(first_row, shape):
+    # Distinct per group, larger for lower indices: n - index (index = row, or flat index).
+    row = first_row + lax.broadcasted_iota(jnp.int32, shape, 0)
+    if per_column:
+      return (n_rows - row).astype(jnp.uint32)
+    flat = row * n_cols + lax.broadcasted_iota(jnp.int32, shape, 1)
+    return (n_rows * n_cols - flat).astype(jnp.uint32)
+
+  def break_ties():
+    # Among the tied entries, the `need` lowest indices: a radix select on order keys,
+    # no cumulative sum.
+    def tie_chunk(i):
+      keys_i = chunk(i)
+      tied = (keys_i == threshold) & (threshold != 0) & (k >= 1)
+      return jnp.where(tied, order_key(i * rows, keys_i.shape), jnp.uint32(0))
+
+    cut, _, _ = _radix_threshold(tie_chunk, n_chunks, need, per_column)
+    above, at = above_and_at()
+    return above | (at & (order_key(0, scores.shape) >= cut))
+
+  def all_ties():
+    above, at = above_and_at()
+    return above | at
+
+  return lax.cond(jnp.all(n_at <= need), all_ties, break_ties)
+
+
+def _radix_threshold(chunk: Callable, n_chunks: int, k: jax.Array, per_column: bool):
+  """The ``k``-th largest key of every column (or of all), from keys given chunk by chunk.
+
+  ``chunk(i)`` returns the uint32 keys ``[rows, G]`` of chunk ``i`` (0 = not a
+  candidate). Returns ``(threshold, n_above, n_at)``, each shaped like ``k``
+  (``[1, G]``, or ``[1, 1]`` when not ``per_column``): ``threshold`` is 0 when ``k``
+  exceeds the number of candidates (everything above 0, i.e. every candidate, is then
+  selected) and ``0xFFFFFFFF`` when ``k <= 0`` (nothing is above it).
+  """
+  n_groups = k.shape[-1]
+  for width in (16, 8, 4):
+    if n_groups * (1 << width) <= _HISTOGRAM_MAX_BINS:
+      return _threshold_by_histogram(chunk, n_chunks, k, width, per_column)
+  return _threshold_by_bits(chunk, n_chunks, k, per_column)
+
+
+def _threshold_by_histogram(
+  chunk: Callable, n_chunks: int, k: jax.Array, width: int, per_column: bool
+):
+  """Radix select with ``width``-bit histogram passes (``32 // width`` scatter-adds)."""
+  n_groups = k.shape[-1]
   n_bins = 1 << width
-  n_groups = keys.size // keys.shape[axis]
-  gid = _group_ids(keys.shape, axis)
-  hist_shape = reduced_shape + (n_bins,)
-
-  def histogram(digit, match):
-    bins = (gid * n_bins + digit.astype(jnp.int32)).reshape(-1)
-    flat = (
-      jnp.zeros((n_groups * n_bins,), jnp.int32)
-      .at[bins]
-      .add(match.reshape(-1).astype(jnp.int32), mode="promise_in_bounds")
-    )
-    return flat.reshape(hist_shape)
-
-  prefix = jnp.zeros(reduced_shape, jnp.uint32)
+  prefix = jnp.zeros(k.shape, jnp.uint32)
   need = k
   total = n_at = None
   for d in range(32 // width):
     shift = 32 - width * (d + 1)
-    digit = (keys >> shift) & jnp.uint32(n_bins - 1)
-    if d == 0:
-      match = keys != 0
-    else:
-      match = (keys >> (shift + width)) == (prefix >> (shift + width))
-    hist = histogram(digit, match)
+
+    def add_chunk(i, hist, d=d, shift=shift, prefix=prefix):
+      keys = chunk(i)
+      digit = (keys >> shift) & jnp.uint32(n_bins - 1)
+      if d == 0:
+        match = keys != 0
+      else:
+        match = (keys >> (shift + width)) == (prefix >> (shift + width))
+      bins = digit.astype(jnp.int32)
+      if per_column:
+        bins = lax.broadcasted_iota(jnp.int32, keys.shape, 1) * n_bins + bins
+      return hist.at[bins.reshape(-1)].add(
+        match.reshape(-1).astype(jnp.int32), mode="promise_in_bounds"
+      )
+
+    hist = _for_chunks(n_chunks, add_chunk, jnp.zeros((n_groups * n_bins,), jnp.int32))
+    hist = hist.reshape(1, n_groups, n_bins)
     if d == 0:
       total = jnp.sum(hist, axis=-1)
       need = jnp.clip(need, 0, total)
@@ -210,31 +306,25 @@ def _threshold_by_histogram(keys: jax.Array, k: jax.Array, axis: int, width: int
   return threshold, n_above, n_at
 
 
-def _threshold_by_bits(keys: jax.Array, k: jax.Array, axis: int):
-  """k-th largest key per slice with 32 counting passes (bitwise binary search)."""
-  reduced_shape = k.shape
+def _threshold_by_bits(chunk: Callable, n_chunks: int, k: jax.Array, per_column: bool):
+  """k-th largest key per column with 32 counting passes (bitwise binary search)."""
+  axes = 0 if per_column else (0, 1)
+
+  def count(predicate) -> jax.Array:
+    def add(i, acc):
+      return acc + jnp.sum(predicate(chunk(i)), axis=axes, keepdims=True, dtype=jnp.int32)
+
+    return _for_chunks(n_chunks, add, jnp.zeros(k.shape, jnp.int32))
 
   def body(i, threshold):
     bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
     trial = threshold | bit
-    return jnp.where(_count(keys >= trial, axis) >= k, trial, threshold)
+    return jnp.where(count(lambda keys: keys >= trial) >= k, trial, threshold)
 
-  threshold = lax.fori_loop(0, 32, body, jnp.zeros(reduced_shape, jnp.uint32))
-  n_above = _count(keys > threshold, axis)
-  n_at = _count((keys == threshold) & (threshold != 0), axis)
+  threshold = lax.fori_loop(0, 32, body, jnp.zeros(k.shape, jnp.uint32))
+  n_above = count(lambda keys: keys > threshold)
+  n_at = count(lambda keys: (keys == threshold) & (threshold != 0))
   return threshold, n_above, n_at
-
-
-def _cumsum(x: jax.Array, axis: int) -> jax.Array:
-  """int32 inclusive cumsum; blocked for long 1-D arrays (XLA:CPU's scan is superlinear)."""
-  n = x.shape[axis]
-  block = 1024
-  if x.ndim == 1 and n > 4 * block and n % block == 0:
-    rows = x.reshape(-1, block).astype(jnp.int32)
-    within = jnp.cumsum(rows, axis=1)
-    offsets = _cumsum(within[:, -1], 0) - within[:, -1]
-    return (within + offsets[:, None]).reshape(n)
-  return jnp.cumsum(x, axis=axis, dtype=jnp.int32)
 
 
 def drop_and_grow(
@@ -268,7 +358,7 @@ def drop_and_grow(
   """
   _check_count("n_drop", n_drop)
   mask = mask.astype(bool)
-  nnz = jnp.sum(mask, dtype=jnp.int32)
+  nnz = count_true(mask)
   n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
   if n_grow is None:
     n_grow = n_drop
@@ -289,6 +379,7 @@ def grouped_drop_and_grow(
   *,
   axis: int,
   cap: bool = True,
+  eligible: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Drop-and-grow with an exact per-group count (N:M groups, constant fan-in neurons).
 
@@ -311,17 +402,20 @@ def grouped_drop_and_grow(
     cap: cut over-full groups to ``per_group``. Pass False only when no group can hold
       more than ``per_group`` kept entries (e.g. a fixed N:M or fan-in count): it saves
       one selection pass.
+    eligible: optional bool array (broadcastable to ``mask``): only eligible active
+      entries may be kept (e.g. not in an ablated neuron); the others are dropped first.
 
   Returns:
     ``(new_mask, kept)`` as in :func:`drop_and_grow`.
   """
   _check_count("n_drop", n_drop)
   mask = mask.astype(bool)
-  nnz = jnp.sum(mask, dtype=jnp.int32)
+  nnz = count_true(mask)
   n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
-  kept = topk_mask(drop_scores, nnz - n_drop, candidates=mask)
+  keepable = mask if eligible is None else mask & eligible
+  kept = topk_mask(drop_scores, nnz - n_drop, candidates=keepable)
   if cap:
     kept = topk_mask(drop_scores, per_group, axis=axis, candidates=kept)
-  n_kept = jnp.sum(kept, axis=axis, keepdims=True, dtype=jnp.int32)
+  n_kept = count_true(kept, axis=axis)
   grown = topk_mask(grow_scores, per_group - n_kept, axis=axis, candidates=~kept)
   return kept | grown, kept

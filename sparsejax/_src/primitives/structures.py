@@ -97,7 +97,7 @@ def _unstructured_update(mask, drop_scores, grow_scores, n_swap, target):
   if target is None:
     new, _ = selection.drop_and_grow(mask, drop_scores, grow_scores, n_swap)
     return new
-  nnz = jnp.sum(mask, dtype=jnp.int32)
+  nnz = selection.count_true(mask)
   target = jnp.asarray(target, jnp.int32)
   n_drop = jnp.clip(nnz - target + n_swap, 0, nnz)
   new, _ = selection.drop_and_grow(mask, drop_scores, grow_scores, n_drop, target - (nnz - n_drop))
@@ -209,7 +209,7 @@ class ConstantFanIn:
     mask = ctx.mask.reshape(flat)
     drop_scores = drop_scores.reshape(flat)
     if self.ablates(ctx.path, ctx.layer):
-      nnz = jnp.sum(mask, dtype=jnp.int32)
+      nnz = selection.count_true(mask)
       ablated = ablation.neurons_to_ablate(
         ctx.param.reshape(flat),
         ctx.grad.reshape(flat),
@@ -222,16 +222,23 @@ class ConstantFanIn:
       budget = base.floor_count(flat[0] * flat[1], 1.0 - ctx.sparsity)
       n_active = flat[1] - jnp.sum(ablated, dtype=jnp.int32)
       per_neuron = jnp.where(ablated, 0, jnp.int32(budget) // n_active)[None, :]
-      drop_scores = jnp.where(ablated[None, :], -jnp.inf, drop_scores)
+      eligible = ~ablated[None, :]  # an ablated neuron's weights are dropped first
       cap = True  # k may shrink when a neuron revives: cut over-full neurons.
     elif ctx.target_nnz is not None:  # a sparsity schedule: k shrinks, cut over-full neurons
-      per_neuron = jnp.asarray(ctx.target_nnz, jnp.int32) // flat[1]
+      per_neuron, eligible = jnp.asarray(ctx.target_nnz, jnp.int32) // flat[1], None
       cap = True
     else:
-      per_neuron = self.fan_in(shape, ctx.sparsity)
+      per_neuron, eligible = self.fan_in(shape, ctx.sparsity), None
       cap = False  # every neuron holds exactly k before the update: none can be over-full
     new, _ = selection.grouped_drop_and_grow(
-      mask, drop_scores, grow_scores.reshape(flat), n_drop, per_neuron, axis=0, cap=cap
+      mask,
+      drop_scores,
+      grow_scores.reshape(flat),
+      n_drop,
+      per_neuron,
+      axis=0,
+      cap=cap,
+      eligible=eligible,
     )
     return new.reshape(shape)
 

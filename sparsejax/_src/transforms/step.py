@@ -29,6 +29,7 @@ import optax
 from jax import lax
 
 from sparsejax._src import base, tree
+from sparsejax._src.primitives import selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,11 +180,13 @@ def leaf_flips(rule: LeafRule, count, key, param, grad, mask, moments, target=No
         f"`{name}` criterion returned shape {scores.shape} for {rule.path!r}; expected "
         f"{mask.shape} (the param's shape)."
       )
-  finite = jnp.ones([], bool)
-  for x in (drop_scores, grow_scores, grad, param):
-    finite = finite & jnp.all(jnp.isfinite(x))
+  # One elementwise pass and one reduction (separate all(isfinite(x)) per input would
+  # each materialise a bool array in the update branch's temporaries).
+  finite = jnp.all(
+    jnp.isfinite(drop_scores) & jnp.isfinite(grow_scores) & jnp.isfinite(grad) & jnp.isfinite(param)
+  )
   # Swapped weights: a fraction of the active ones (or of the target under a schedule).
-  nnz = jnp.sum(mask, dtype=jnp.int32) if ctx.target_nnz is None else ctx.target_nnz
+  nnz = selection.count_true(mask) if ctx.target_nnz is None else ctx.target_nnz
   fraction = jnp.clip(jnp.asarray(rule.drop_fraction(count), jnp.float32), 0.0, 1.0)
   n_drop = jnp.floor(nnz.astype(jnp.float32) * fraction).astype(jnp.int32)
   new = rule.structure.drop_and_grow(ctx, drop_scores, grow_scores, n_drop)
