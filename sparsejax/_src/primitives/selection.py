@@ -48,10 +48,12 @@ _MAX_CHUNKS = 4096
 def _ordered_keys(scores: jax.Array) -> jax.Array:
   """Maps float scores to uint32 keys with the same order (larger score, larger key).
 
-  -inf maps above every NaN bit pattern with the sign bit set, and +NaN maps above +inf;
-  callers that may see NaN must check for it (the DST wrapper skips such updates).
+  -0.0 maps to the key of +0.0 (equal scores tie, and ties go by index). -inf maps above
+  every NaN bit pattern with the sign bit set, and +NaN maps above +inf; callers that may
+  see NaN must check for it (the DST wrapper skips such updates).
   """
   bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
+  bits = jnp.where(bits == _SIGN_BIT, jnp.uint32(0), bits)  # -0.0 -> +0.0
   negative = (bits & _SIGN_BIT) != 0
   return jnp.where(negative, ~bits, bits | _SIGN_BIT)
 
@@ -262,22 +264,25 @@ def _radix_threshold(chunk: Callable, n_chunks: int, k: jax.Array, per_column: b
 def _threshold_by_histogram(
   chunk: Callable, n_chunks: int, k: jax.Array, width: int, per_column: bool
 ):
-  """Radix select with ``width``-bit histogram passes (``32 // width`` scatter-adds)."""
+  """Radix select with ``width``-bit histogram passes (``32 // width`` scatter-adds).
+
+  The first pass (which also counts the candidates) is traced once, the remaining ones
+  run in a ``fori_loop`` over the digit position, so the program holds two pass bodies
+  whatever the number of passes (compile time and compile memory).
+  """
   n_groups = k.shape[-1]
   n_bins = 1 << width
-  prefix = jnp.zeros(k.shape, jnp.uint32)
-  need = k
-  total = n_at = None
-  for d in range(32 // width):
-    shift = 32 - width * (d + 1)
+  n_passes = 32 // width
 
-    def add_chunk(i, hist, d=d, shift=shift, prefix=prefix):
+  def histogram(shift, prefix, first: bool):
+    def add_chunk(i, hist):
       keys = chunk(i)
       digit = (keys >> shift) & jnp.uint32(n_bins - 1)
-      if d == 0:
+      if first:
         match = keys != 0
       else:
-        match = (keys >> (shift + width)) == (prefix >> (shift + width))
+        high = shift + jnp.uint32(width)
+        match = (keys >> high) == (prefix >> high)
       bins = digit.astype(jnp.int32)
       if per_column:
         bins = lax.broadcasted_iota(jnp.int32, keys.shape, 1) * n_bins + bins
@@ -286,18 +291,32 @@ def _threshold_by_histogram(
       )
 
     hist = _for_chunks(n_chunks, add_chunk, jnp.zeros((n_groups * n_bins,), jnp.int32))
-    hist = hist.reshape(1, n_groups, n_bins)
-    if d == 0:
-      total = jnp.sum(hist, axis=-1)
-      need = jnp.clip(need, 0, total)
+    return hist.reshape(1, n_groups, n_bins)
+
+  def refine(hist, shift, prefix, need):
     # at_least[v] = count(digit >= v) among matching entries (non-increasing in v).
     at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)
     v = jnp.maximum(jnp.sum(at_least >= need[..., None], axis=-1, dtype=jnp.int32) - 1, 0)
     next_v = jnp.minimum(v + 1, n_bins - 1)[..., None]
     above_v = jnp.where(v < n_bins - 1, jnp.take_along_axis(at_least, next_v, -1)[..., 0], 0)
-    need = need - above_v
     n_at = jnp.take_along_axis(hist, v[..., None], -1)[..., 0]
-    prefix = prefix | (v.astype(jnp.uint32) << shift)
+    return prefix | (v.astype(jnp.uint32) << shift), need - above_v, n_at
+
+  first_shift = jnp.uint32(32 - width)
+  hist = histogram(first_shift, None, first=True)
+  total = jnp.sum(hist, axis=-1)
+  need = jnp.clip(k, 0, total)
+  prefix, need, n_at = refine(hist, first_shift, jnp.zeros(k.shape, jnp.uint32), need)
+
+  def next_pass(d, carry):
+    prefix, need, _ = carry
+    shift = (jnp.uint32(32) - jnp.uint32(width) * (d + 1).astype(jnp.uint32)).astype(jnp.uint32)
+    return refine(histogram(shift, prefix, first=False), shift, prefix, need)
+
+  if n_passes == 2:
+    prefix, need, n_at = next_pass(jnp.int32(1), (prefix, need, n_at))
+  else:
+    prefix, need, n_at = lax.fori_loop(1, n_passes, next_pass, (prefix, need, n_at))
   valid = (k >= 1) & (total >= k)
   # k <= 0: nothing is above the largest key; k > total: every candidate is above 0.
   threshold = jnp.where(valid, prefix, jnp.where(k >= 1, jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
