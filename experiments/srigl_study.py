@@ -15,7 +15,9 @@ The variants answer one question each:
 * is it the first layer (fan-in 5, ERK gives it k = 2)? first layer dense, for both;
 * is it ERK? uniform (first layer dense: at 95% uniform a fan-in-5 kernel cannot keep one
   weight per neuron), for both;
-* is it the model's width (the per-neuron fan-in k)? 128 channels instead of 64, for both.
+* both changes that help, together: γ_sal = 0.9 with the first layer dense;
+* is it the model's width (the per-neuron fan-in k)? 128 and 256 channels instead of 64,
+  for both.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ SRIGL_BASE = (
 _FIRST_DENSE = (("dst.keep_first_dense", True),)
 _UNIFORM = (("dst.distribution", "uniform"), ("dst.keep_first_dense", True))
 _WIDE = (("model_kwargs.cnn_channels", 128),)
+_WIDER = (("model_kwargs.cnn_channels", 256),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +86,19 @@ VARIANTS: tuple[Variant, ...] = (
   ),
   Variant("first-dense", "RigL, first layer dense", "rigl", _FIRST_DENSE, baseline=None),
   Variant("first-dense", "SRigL, first layer dense", "srigl", _FIRST_DENSE, "first-dense"),
+  Variant(
+    "g0.9-first-dense",
+    "SRigL, γ_sal = 0.9, first layer dense",
+    "srigl",
+    (("dst.gamma_sal", 0.9), *_FIRST_DENSE),
+    "first-dense",
+  ),
   Variant("uniform", "RigL, uniform, first layer dense", "rigl", _UNIFORM, baseline=None),
   Variant("uniform", "SRigL, uniform, first layer dense", "srigl", _UNIFORM, "uniform"),
   Variant("w128", "RigL, 128 channels", "rigl", _WIDE, baseline=None),
   Variant("w128", "SRigL, 128 channels", "srigl", _WIDE, "w128"),
+  Variant("w256", "RigL, 256 channels", "rigl", _WIDER, baseline=None),
+  Variant("w256", "SRigL, 256 channels", "srigl", _WIDER, "w256"),
 )
 
 
