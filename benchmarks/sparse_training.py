@@ -22,6 +22,7 @@ sparse/masked Y.YYx`` (speedups, higher is better).
 
 Run:  python benchmarks/sparse_training.py            (the full grid, about 30-60 min)
       python benchmarks/sparse_training.py --quick    (4096 / B=128 / 90%, 99%; < 5 min)
+      python benchmarks/sparse_training.py --smoke    (width 256, seconds; the smoke test)
 """
 
 from __future__ import annotations
@@ -249,6 +250,9 @@ def print_rows(rows: list[dict]) -> None:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="4096 / B=128 / 90%% and 99%% only")
+  parser.add_argument(
+    "--smoke", action="store_true", help="a seconds-long run at width 256 (for the tests)"
+  )
   parser.add_argument("--rounds", type=int, default=None, help="regular-step repetitions")
   args = parser.parse_args(argv)
   print(_common.environment())
@@ -256,7 +260,10 @@ def main(argv=None) -> None:
     f"sparse kernels: native={sj.sparse.native_available()} isa={sj.sparse.native_cpu_isa()} "
     f"(times in ms per training step; mask updates amortized at ΔT={DELTA_T})"
   )
-  if args.quick:
+  if args.smoke:
+    grid = [(256, 32, (0.9, 0.99))]
+    rounds, update_rounds = args.rounds or 2, 1
+  elif args.quick:
     grid = [(4096, 128, (0.9, 0.99))]
     rounds, update_rounds = args.rounds or 5, 2
   else:
@@ -272,13 +279,14 @@ def main(argv=None) -> None:
     rows += group
   print(f"({time.monotonic() - t0:.0f} s)")
   by_key = {(r["width"], r["batch"], r["sparsity"]): r for r in rows}
-  r90, r99 = by_key[(4096, 128, 0.9)], by_key[(4096, 128, 0.99)]
+  width, batch = (256, 32) if args.smoke else (4096, 128)
+  r90, r99 = by_key[(width, batch, 0.9)], by_key[(width, batch, 0.99)]
   print(
     f"memory at 90%: weights + Adam state + topology {r90['mem_sparse'] / r90['mem_dense']:.3f}x "
     f"dense ({r90['mem_values'] / r90['mem_dense']:.3f}x without the topology)"
   )
   print(
-    f"headline: 4096 MLP B=128 90% sparse/dense {r90['vs_dense']:.2f}x; "
+    f"headline: {width} MLP B={batch} 90% sparse/dense {r90['vs_dense']:.2f}x; "
     f"99% sparse/masked {r99['vs_masked']:.2f}x"
   )
 

@@ -36,11 +36,11 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from sparsejax._src import tree
+from sparsejax._src import base, tree
 from sparsejax._src.formats import sparse_csr
 from sparsejax._src.kernels.sparse_train import Method, sparse_matmul
 from sparsejax._src.transforms import sparse_dst
-from sparsejax._src.transforms.sparse_topology import CSRTopology
+from sparsejax._src.transforms.sparse_topology import CSRTopology, gather_slots, topology_from_mask
 
 __all__ = [
   "TOPOLOGY_COLLECTION",
@@ -380,19 +380,21 @@ class SparseDenseLinen(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     shape = (x.shape[-1], self.features)
 
-    def init_csr() -> sparse_csr.SparseCSR:
-      key = self.make_rng("params")
+    nnz = base.nnz_for_sparsity(shape[0] * shape[1], self.sparsity)
+    cell = {}
+
+    def init_values(key):  # traceable (Linen shape-checks params with eval_shape)
       mask = sparse_csr.random_mask(jax.random.fold_in(key, 1), shape, self.sparsity)
       kernel = self.kernel_init(jax.random.fold_in(key, 2), shape, jnp.float32)
-      return sparse_csr.SparseCSR.from_dense(kernel, mask)
+      cell["topology"], _ = topology_from_mask(mask, nnz, shape)
+      return gather_slots(kernel, cell["topology"])
 
-    init = None if self.has_variable(TOPOLOGY_COLLECTION, "col") else init_csr()
+    values = self.param("values", init_values)
     arrays = {
-      name: self.variable(TOPOLOGY_COLLECTION, name, lambda n=name: getattr(init.topology, n))
+      name: self.variable(TOPOLOGY_COLLECTION, name, lambda n=name: getattr(cell["topology"], n))
       for name in _TOPOLOGY_FIELDS
     }
     topology = CSRTopology(**{k: v.value for k, v in arrays.items()}, kernel_shape=shape)
-    values = self.param("values", lambda _: init.values)
     x2, v = _promote(x.reshape(-1, shape[0]), values)
     probe = _probe_for("/".join(self.path) + "/values") if self.path else None
     y = sparse_matmul(x2, v, topology, probe=probe, method=self.method)
