@@ -99,8 +99,6 @@ def child(args) -> None:
   from jax.sharding import PartitionSpec as P
 
   import sparsejax as sj
-  from sparsejax._src.integration import sharding as shd
-  from sparsejax._src.primitives import structures
 
   n_dev = jax.device_count()
   sizes = tuple(int(s) for s in args.sizes.split(","))
@@ -164,11 +162,11 @@ def child(args) -> None:
       xb, yb = x, y
     else:
       mesh = jax.make_mesh((2, n_dev // 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
-      psh = shd.named_shardings(mesh, shd.fsdp_param_specs(params, mesh, axis="fsdp"))
+      psh = sj.sharding.named_shardings(mesh, sj.sharding.fsdp_param_specs(params, mesh, axis="fsdp"))
       params = jax.device_put(params, psh)
-      state = shd.shard_dst_init(tx, params, psh)
+      state = sj.sharding.shard_dst_init(tx, params, psh)
       params = sj.apply_masks(params, state)
-      ssh = shd.opt_state_shardings(tx, state, psh)
+      ssh = sj.sharding.opt_state_shardings(tx, state, psh)
       bsh = NamedSharding(mesh, P(("data", "fsdp")))
       rep = NamedSharding(mesh, P())
       jitted = jax.jit(step, in_shardings=(psh, ssh, bsh, bsh), out_shardings=(psh, ssh))
@@ -205,9 +203,9 @@ def child(args) -> None:
     shape = tuple(int(s) for s in args.layer.split("x"))
     comm = {}
     for sname, structure in (
-      ("unstructured", structures.Unstructured()),
-      ("fan_in", structures.ConstantFanIn()),
-      ("nm24", structures.NM(2, 4)),
+      ("unstructured", sj.Unstructured()),
+      ("fan_in", sj.ConstantFanIn()),
+      ("nm24", sj.NM(2, 4)),
     ):
       sparsity = 0.5 if sname == "nm24" else 0.9
       for axis_name, spec in (("in", P("x", None)), ("out", P(None, "x"))):
@@ -215,9 +213,10 @@ def child(args) -> None:
 
         def update(mask, w, g, structure=structure, sparsity=sparsity):
           n_drop = jnp.floor(jnp.sum(mask, dtype=jnp.int32) * 0.3).astype(jnp.int32)
-          return structure.drop_and_grow(mask, jnp.abs(w), jnp.abs(g), n_drop, sparsity)
+          ctx = sj.ScoreContext(w, g, mask, jax.random.PRNGKey(0), 0, "w", (), sparsity)
+          return structure.drop_and_grow(ctx, jnp.abs(w), jnp.abs(g), n_drop)
 
-        f = jax.jit(update, in_shardings=(sh, sh, sh), out_shardings=(sh, sh))
+        f = jax.jit(update, in_shardings=(sh, sh, sh), out_shardings=sh)
         mask = structure.random_mask(jax.random.PRNGKey(0), shape, sparsity)
         w = jax.random.normal(jax.random.PRNGKey(1), shape) * mask
         g = jax.random.normal(jax.random.PRNGKey(2), shape)
