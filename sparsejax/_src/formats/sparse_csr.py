@@ -61,6 +61,38 @@ def random_mask(key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Ar
   return selection.topk_mask(jax.random.uniform(key, tuple(shape)), nnz)
 
 
+def _host_topology(
+  m: np.ndarray, capacity: int, kernel_shape: Sequence[int]
+) -> tuple[CSRTopology, np.ndarray]:
+  """NumPy twin of ``topology_from_mask`` for concrete masks (fast on large layers).
+
+  Returns the topology and the flat ``[n_out, n_in]`` positions of the active slots.
+  """
+  n_in, n_out = m.shape
+  order = np.flatnonzero(m.T)  # sorted by (row, col): CSR order
+  nnz = order.size
+  col = np.zeros((capacity,), topo_lib.index_dtype(n_in))
+  col[:nnz] = order % n_in
+  row_ptr = np.concatenate([[0], np.cumsum(m.sum(axis=0))]).astype(np.int32)
+  slot_of = np.full((n_in, n_out), -1, np.int32)
+  slot_of[order % n_in, order // n_in] = np.arange(nnz, dtype=np.int32)
+  cpos = np.flatnonzero(m)  # sorted by (col, row): CSC order
+  csc_row = np.zeros((capacity,), topo_lib.index_dtype(n_out))
+  csc_row[:nnz] = cpos % n_out
+  csc_slot = np.zeros((capacity,), np.int32)
+  csc_slot[:nnz] = slot_of.reshape(-1)[cpos]
+  csc_ptr = np.concatenate([[0], np.cumsum(m.sum(axis=1))]).astype(np.int32)
+  topo = CSRTopology(
+    col=jnp.asarray(col),
+    row_ptr=jnp.asarray(row_ptr),
+    csc_ptr=jnp.asarray(csc_ptr),
+    csc_row=jnp.asarray(csc_row),
+    csc_slot=jnp.asarray(csc_slot),
+    kernel_shape=tuple(int(d) for d in kernel_shape),
+  )
+  return topo, order
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseCSR:
   """One trainable sparse layer: ``values [C]`` + :class:`CSRTopology` (a JAX pytree).
@@ -134,9 +166,10 @@ class SparseCSR:
     capacity = nnz if capacity is None else int(capacity)
     if capacity < nnz:
       raise ValueError(f"SparseCSR: capacity {capacity} is below the mask's nnz {nnz}.")
-    topo, _ = topo_lib.topology_from_mask(jnp.asarray(m), capacity, k.shape)
-    values = topo_lib.gather_slots(jnp.asarray(k), topo)
-    return cls(values, topo)
+    topo, order = _host_topology(m.reshape(n_in, n_out), capacity, k.shape)
+    values = np.zeros((capacity,), k.dtype)
+    values[: order.size] = k.reshape(n_in, n_out).T.reshape(-1)[order]
+    return cls(jnp.asarray(values), topo)
 
   @classmethod
   def from_condensed(cls, condensed: Condensed, *, capacity: int | None = None) -> SparseCSR:
