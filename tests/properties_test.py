@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import HealthCheck, given, note, reject, settings
+from hypothesis import HealthCheck, example, given, note, reject, settings
 from hypothesis import strategies as st
 
 import sparsejax as sj
+from sparsejax._src.criteria import schedules
 from sparsejax._src.primitives import selection
 
 _EXPLORE = os.environ.get("SPARSEJAX_HYPOTHESIS_EXPLORE", "") not in ("", "0")
@@ -549,6 +550,49 @@ def test_nm_structure(case, seed, fraction, w_style, g_style):
   np.testing.assert_array_equal(new, ref_new.reshape(shape))
 
 
+@functools.cache
+def _block_means(shape, h, w):
+  """jit: per-block mean of a kernel's [fan_in, n_out] view (the score pooling of Block)."""
+  fan_in, n_out = int(np.prod(shape[:-1])), shape[-1]
+  tiles = (fan_in // h, h, n_out // w, w)
+  return jax.jit(lambda x: jnp.mean(x.reshape(tiles).astype(jnp.float32), axis=(1, 3)))
+
+
+@_settings(25)
+@given(
+  case=st.sampled_from([((12, 8), 2, 4, 0.5), ((3, 3, 2, 6), 3, 2, 0.7)]),
+  seed=st.integers(0, 2**30),
+  fraction=_FRACTION,
+  w_style=st.sampled_from(STYLES),
+  g_style=st.sampled_from(STYLES),
+)
+def test_block_structure(case, seed, fraction, w_style, g_style):
+  shape, h, w, sparsity = case  # grids 6x2 and 6x3: rows != cols
+  structure = sj.Block(h, w)
+  fan_in, n_out = int(np.prod(shape[:-1])), shape[-1]
+  rows, cols = fan_in // h, n_out // w
+  n_blocks = rows * cols - math.floor(sparsity * rows * cols + 1e-9)
+  assert structure.target_nnz(shape, sparsity) == n_blocks * h * w
+  init, mask, wts, new, g, n_drop = _run_structure(
+    structure, shape, sparsity, seed, fraction, w_style, g_style
+  )
+
+  def blocks(m):  # [rows, cols] block mask; every block all-on or all-off
+    t = _fan_in_view(m).reshape(rows, h, cols, w)
+    assert (t.all(axis=(1, 3)) == t.any(axis=(1, 3))).all(), "a block is partly pruned"
+    return t.all(axis=(1, 3))
+
+  assert blocks(init).sum() == n_blocks and blocks(new).sum() == n_blocks
+  means = _block_means(shape, h, w)
+  ref, _ = _ref_drop_and_grow(
+    blocks(mask),
+    np.asarray(means(np.abs(wts))),
+    np.asarray(means(np.abs(g))),
+    n_drop // (h * w),  # counts in blocks
+  )
+  np.testing.assert_array_equal(blocks(new), ref)
+
+
 # ---------------------------------------------------------------------------------------
 # Full transformation steps.
 # ---------------------------------------------------------------------------------------
@@ -817,6 +861,7 @@ def test_transformation_step_invariants(name, t, seed, grad_style):
 
 _DIM = st.integers(1, 48)
 _SHAPE = st.one_of(
+  st.tuples(_DIM),  # a 1-D leaf (a bias made sparse with `include=`)
   st.tuples(_DIM, _DIM),
   st.tuples(st.sampled_from([1, 3]), st.sampled_from([1, 3]), st.integers(1, 16), _DIM),
 )
@@ -825,6 +870,8 @@ _SHAPE = st.one_of(
 def _raw_density(distribution, shape, power_scale):
   if distribution == "erk":
     return (sum(shape) / math.prod(shape)) ** power_scale
+  if len(shape) < 2:
+    return 1.0
   n_in, n_out = shape[-2], shape[-1]
   return (n_in + n_out) / (n_in * n_out)
 
@@ -846,18 +893,20 @@ def test_distribution_values_and_budget(shapes, sparsity, distribution, power_sc
   kwargs = dict(overrides=overrides)
   if distribution == "erk":
     kwargs["power_scale"] = power_scale
+  sizes = {p: math.prod(shapes_by_path[p]) for p in shapes_by_path}
+  distributed = [p for p in shapes_by_path if p not in overrides]
+  prunes_nothing = all(math.floor(sparsity * sizes[p] + 1e-9) == 0 for p in distributed)
   try:
     out = fn(shapes_by_path, sparsity, **kwargs)
   except ValueError as e:
-    assert distribution != "uniform" and "cannot reach" in str(e)
+    assert not prunes_nothing, f"raised although no layer is to lose a weight: {e}"
+    assert distribution != "uniform" and f"distribution={distribution!r} cannot reach" in str(e)
     reject()
   assert list(out) == list(shapes_by_path)
   for path, value in out.items():
     assert 0.0 <= value < 1.0, f"{path}: sparsity {value}"
   for path, value in overrides.items():
     assert out[path] == value, "an override was not applied exactly"
-  distributed = [p for p in shapes_by_path if p not in overrides]
-  sizes = {p: math.prod(shapes_by_path[p]) for p in shapes_by_path}
   if distribution == "uniform":
     assert all(out[p] == sparsity for p in distributed)
     return
@@ -904,6 +953,10 @@ def test_is_mask_update_step_matches_python_reference(schedule):
   want = np.array([start < t < end and (t - start) % every == 0 for t in counts])
   np.testing.assert_array_equal(got, want)
   steps = [int(t) for t in counts[want]]
+  schedule = schedules.UpdateSchedule(every, start, end)
+  got_steps = schedule.update_steps()
+  assert got_steps.dtype.kind == "i" and got_steps.tolist() == steps
+  assert schedule.first_update == (steps[0] if steps else None)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     sj.rigl(optax.sgd(0.1), sparsity=0.5, update_every=every, start_step=start, end_step=end)
@@ -933,15 +986,22 @@ def test_drop_fraction_schedule_matches_formula(schedule, fraction, decay):
 
 
 @_settings(30)
-@given(schedule=_schedule(), bad_step=st.integers(0, 160), bad=st.sampled_from([30.0, -0.1, 1.5]))
-def test_drop_fraction_callable_is_checked_on_update_steps(schedule, bad_step, bad):
+@given(
+  schedule=_schedule(),
+  step=st.integers(0, 160),
+  value=st.sampled_from([30.0, -0.1, 1.5, np.nan, 0.0, 1.0]),
+)
+@example(schedule=(5, 0, 8), step=5, value=1.5)  # the only update step is the bad one
+@example(schedule=(5, 0, 8), step=5, value=1.0)
+def test_drop_fraction_callable_is_checked_on_update_steps(schedule, step, value):
   every, start, end = schedule
-  is_update = start < bad_step < end and (bad_step - start) % every == 0
-  fn = lambda t: jnp.where(t == bad_step, bad, 0.25)  # noqa: E731
+  is_update = start < step < end and (step - start) % every == 0
+  bad_step = step if not 0.0 <= value <= 1.0 else -1  # NaN compares False: bad
+  fn = lambda t: jnp.where(t == step, value, 0.25)  # noqa: E731
   kw = dict(sparsity=0.5, update_every=every, start_step=start, end_step=end, drop_fraction=fn)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    if is_update:
+    if is_update and bad_step >= 0:
       with pytest.raises(ValueError, match=f"update step {bad_step};"):
         sj.rigl(optax.sgd(0.1), **kw)
     else:

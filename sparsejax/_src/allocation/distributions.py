@@ -70,7 +70,9 @@ def _erdos_renyi_family(
         rhs += sizes[p] - n_zeros
         divisor += raw[p] * sizes[p]
     if divisor == 0.0:
-      if rhs < 0 or (sparsity > 0 and distributed):
+      # Every layer dense: that is the target exactly when no layer was to lose a weight
+      # (floor(N·S) == 0 for all, e.g. a tiny sparsity), and unreachable otherwise.
+      if rhs < 0:
         raise ValueError(
           f"distribution={name!r} cannot reach sparsity={sparsity}: every distributed "
           f"layer would have to be dense ({sorted(dense)}). Lower `sparsity`, use "

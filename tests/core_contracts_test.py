@@ -1,0 +1,121 @@
+"""Small contracts of the mask-update core that mutation testing found untested.
+
+Each test names what it pins; see tests/README.md ("Mutation testing") for the survivors
+they kill.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sparsejax as sj
+
+# --- drop-fraction schedules ------------------------------------------------------------
+
+
+def _rigl(drop_fraction, **kw):
+  kw = dict(sparsity=0.5, update_every=2, end_step=9, drop_fraction=drop_fraction, **kw)
+  return sj.rigl(optax.sgd(0.1), **kw)
+
+
+def test_a_failing_drop_fraction_schedule_is_reported_with_its_error():
+  def schedule(t):
+    raise ZeroDivisionError("boom")
+
+  with pytest.raises(ValueError, match=r"failed when evaluated at the update steps: .*boom"):
+    _rigl(schedule)
+
+
+def test_a_vector_valued_drop_fraction_schedule_is_refused_with_its_shape():
+  with pytest.raises(ValueError, match=r"a scalar per step, got shape \(3,\)"):
+    _rigl(lambda t: jnp.full((3,), 0.1))
+
+
+@pytest.mark.parametrize("value", [0.0, 1.0])
+def test_drop_fraction_schedule_bounds_are_inclusive(value):
+  _rigl(lambda t: jnp.full((), value))  # no error
+  with pytest.raises(ValueError, match="a fraction, not a percentage"):
+    _rigl(lambda t: jnp.full((), value + (0.5 if value else -0.5)))
+
+
+# --- distributions ------------------------------------------------------------------------
+
+
+def test_an_unreachable_erk_target_names_the_distribution():
+  # A negative ERK exponent gives the huge layer the largest raw density; at 0.9999 the
+  # small layer would have to keep less than nothing.
+  shapes = {"l0": (280, 256, 65, 258), "l1": (1, 2)}
+  with pytest.raises(ValueError, match="distribution='erk' cannot reach sparsity=0.9999"):
+    sj.erk(shapes, 0.9999, power_scale=-2.0)
+
+
+@pytest.mark.parametrize("name", ["erk", "erdos_renyi"])
+def test_a_sparsity_that_prunes_nothing_gives_dense_layers(name):
+  # Bug fixed with this test: floor(18 * 0.05) = 0 weights to prune, so the answer is
+  # "dense", but float rounding pushed the single layer's density to 1 + 1 ulp and the
+  # distribution raised "cannot reach sparsity=0.05 ... Lower `sparsity`".
+  assert getattr(sj, name)({"w": (2, 9)}, 0.05) == {"w": 0.0}
+  assert getattr(sj, name)({"b": (2,), "w": (1, 1, 2, 9)}, 0.045) == {"b": 0.0, "w": 0.0}
+
+
+def test_erdos_renyi_gives_a_1d_leaf_the_raw_density_one():
+  # ER's raw density of a 1-D leaf is 1 (n_in + n_out has no meaning there); with a 2-D
+  # (4, 4) leaf (raw 8/16 = 0.5) the densities are in the ratio 2:1.
+  out = sj.erdos_renyi({"bias": (8,), "kernel": (4, 4)}, 0.5)
+  assert (1 - out["bias"]) == pytest.approx(2 * (1 - out["kernel"]))
+
+
+# --- the context a drop criterion sees inside a global ranking -------------------------
+
+
+def test_global_ranking_gives_the_drop_criterion_the_full_context():
+  params = {
+    "layers_0": {"kernel": jnp.linspace(-1.0, 1.0, 48).reshape(8, 6)},
+    "layers_1": {"kernel": jnp.linspace(-2.0, 2.0, 24).reshape(6, 4)},
+  }
+  seen = []
+
+  def criterion(ctx):
+    # Runs at trace time: every field must be the leaf's own.
+    assert isinstance(ctx.path, str) and ctx.path.endswith("/kernel")
+    assert ctx.layer is not None and ctx.layer.path == ctx.path
+    assert ctx.sparsity == pytest.approx(0.75)
+    assert ctx.grad.shape == ctx.param.shape and ctx.mask.dtype == jnp.bool_
+    assert ctx.mask.shape == ctx.param.shape and ctx.step.dtype == jnp.int32
+    assert len(ctx.inner_moments) == 2  # adam's mu and nu
+    jax.random.uniform(ctx.key)  # a valid key
+    seen.append(ctx.path)
+    # |w| + tiny multiples of everything else: the ranking is by |w|.
+    extra = jnp.sum(ctx.grad) + ctx.step + jnp.sum(ctx.mask) + jnp.sum(ctx.inner_moments[0])
+    return jnp.abs(ctx.param) + 0.0 * extra
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    tx = sj.dynamic_sparse(
+      optax.adam(1e-3),
+      sparsity=0.75,
+      initial_sparsity=0.0,
+      distribution="global",
+      drop=criterion,
+      grow="magnitude",
+      drop_fraction=0.0,
+      drop_fraction_decay="constant",
+      update_every=1,
+      end_step=2,
+      init_masks="dense",
+    )
+  state = tx.init(params)
+  grads = jax.tree.map(jnp.ones_like, params)
+  for _ in range(3):
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  masks = sj.get_masks(state)
+  assert sorted(set(seen)) == ["layers_0/kernel", "layers_1/kernel"]
+  total = 48 + 24
+  assert sum(int(m["kernel"].sum()) for m in masks.values()) == total - int(0.75 * total)
+  # One global |w| ranking keeps the larger-magnitude layer's weights preferentially.
+  np.testing.assert_array_less(int(masks["layers_0"]["kernel"].sum()), 48 * 0.25 + 1)
