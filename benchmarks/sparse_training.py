@@ -73,8 +73,10 @@ def sparse_loss(params, topos, x, y, probes=None):
   for name in LAYERS:
     key = f"{name}/values"
     probe = None if probes is None else probes[key]
-    z = sj.sparse.sparse_matmul(h, params[name]["values"], topos[key], probe=probe)
-    h = jax.nn.relu(z + params[name]["bias"])
+    z = sj.sparse.sparse_matmul(
+      h, params[name]["values"], topos[key], params[name]["bias"], probe=probe
+    )
+    h = jax.nn.relu(z)
   logits = h @ params["head"]["kernel"] + params["head"]["bias"]
   return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 

@@ -168,7 +168,8 @@ def test_native_kernels_match_float64_reference(isa, n_in, n_out, batch, density
   fwd = jax.jit(lambda x, v, t: sparse_native.native_forward(x, v, t, isa=isa))
   bwd = jax.jit(lambda x, dy, v, t: sparse_native.native_backward(x, dy, v, t, isa=isa))
   y = np.asarray(fwd(x, csr.values, csr.topology))
-  dx, dv = (np.asarray(a) for a in bwd(x, dy, csr.values, csr.topology))
+  dx, dv, db = (np.asarray(a) for a in bwd(x, dy, csr.values, csr.topology))
+  np.testing.assert_allclose(db, dy.astype(np.float64).sum(0), atol=_tol(np.abs(dy).sum(0)))
   k64, x64, dy64 = kernel.astype(np.float64), x.astype(np.float64), dy.astype(np.float64)
   np.testing.assert_allclose(y, x64 @ k64, atol=_tol(np.abs(x64) @ np.abs(k64)))
   np.testing.assert_allclose(dx, dy64 @ k64.T, atol=_tol(np.abs(dy64) @ np.abs(k64.T)))
@@ -216,21 +217,23 @@ def test_sparse_matmul_gradients(method):
   rng = np.random.default_rng(7)
   _, _, csr = _layer(rng, 24, 18, 0.3, extra=2)
   x = jnp.asarray(rng.standard_normal((5, 24)).astype(np.float32))
+  b = jnp.asarray(rng.standard_normal(18).astype(np.float32))
 
-  def f(x, v):
-    return 0.1 * jnp.sum(sj.sparse.sparse_matmul(x, v, csr.topology, method=method) ** 2)
+  def f(x, v, b):
+    return 0.1 * jnp.sum(sj.sparse.sparse_matmul(x, v, csr.topology, b, method=method) ** 2)
 
-  check_grads(f, (x, csr.values), order=1, modes=("rev",), eps=1e-2, atol=2e-2, rtol=2e-2)
-  g = jax.grad(f, argnums=(0, 1))(x, csr.values)
-  ref = jax.grad(
-    lambda x, v: 0.1 * jnp.sum(sj.sparse.sparse_matmul_reference(x, v, csr.topology) ** 2),
-    argnums=(0, 1),
-  )(x, csr.values)
-  for a, b in zip(g, ref, strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  def f_ref(x, v, b):
+    return 0.1 * jnp.sum((sj.sparse.sparse_matmul_reference(x, v, csr.topology) + b) ** 2)
+
+  args = (x, csr.values, b)
+  check_grads(f, args, order=1, modes=("rev",), eps=1e-2, atol=2e-2, rtol=2e-2)
+  g = jax.grad(f, argnums=(0, 1, 2))(*args)
+  ref = jax.grad(f_ref, argnums=(0, 1, 2))(*args)
+  for a, r in zip(g, ref, strict=True):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
   assert float(jnp.max(jnp.abs(g[1][int(csr.topology.nnz) :]))) == 0.0  # padding: no gradient
   # Only values differentiated (the first layer): the native backward skips dX.
-  gv = jax.jit(jax.grad(f, argnums=1))(x, csr.values)
+  gv = jax.jit(jax.grad(f, argnums=1))(*args)
   np.testing.assert_allclose(gv, ref[1], rtol=1e-5, atol=1e-5)
 
 

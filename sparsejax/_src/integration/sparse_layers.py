@@ -127,10 +127,10 @@ class _SparseNNX(nnx.Module):
 
   def _matmul(self, x2: jax.Array) -> jax.Array:
     x2, values = _promote(x2, self.values[...])
-    y = sparse_matmul(x2, values, self.topology, probe=_probe_for(id(self)), method=self.method)
-    if self.bias is not None:
-      y = y + self.bias[...].astype(y.dtype)
-    return y
+    bias = None if self.bias is None else self.bias[...].astype(values.dtype)
+    return sparse_matmul(
+      x2, values, self.topology, bias, probe=_probe_for(id(self)), method=self.method
+    )
 
 
 class SparseLinear(_SparseNNX):
@@ -397,7 +397,8 @@ class SparseDenseLinen(nn.Module):
     topology = CSRTopology(**{k: v.value for k, v in arrays.items()}, kernel_shape=shape)
     x2, v = _promote(x.reshape(-1, shape[0]), values)
     probe = _probe_for("/".join(self.path) + "/values") if self.path else None
-    y = sparse_matmul(x2, v, topology, probe=probe, method=self.method)
+    bias = None
     if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(y.dtype)
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(v.dtype)
+    y = sparse_matmul(x2, v, topology, bias, probe=probe, method=self.method)
     return y.reshape(*x.shape[:-1], self.features)

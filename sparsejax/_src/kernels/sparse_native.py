@@ -152,13 +152,14 @@ def native_backward(
   isa: str = "auto",
   threads: int = 0,
   tile: int = 0,
-) -> tuple[jax.Array | None, jax.Array]:
+) -> tuple[jax.Array | None, jax.Array, jax.Array]:
   """``dx = dy · Wᵀ`` over the CSC view and ``dv[p] = Σ_b dy[b, row(p)] · x[b, col(p)]``.
 
   One FFI call computes both (``dx`` only if ``need_dx``).
 
   Returns:
-    ``(dx [B, n_in] or None, dv [C])``, float32; ``dv`` is 0 at padding slots.
+    ``(dx [B, n_in] or None, dv [C], db [n_out])``, float32; ``dv`` is 0 at padding
+    slots; ``db = Σ_b dy[b, :]`` is the bias gradient (read from ``dy`` in the same pass).
   """
   _require()
   b = x.shape[0]
@@ -168,12 +169,13 @@ def native_backward(
     (
       jax.ShapeDtypeStruct(dx_shape, jnp.float32),
       jax.ShapeDtypeStruct((topology.capacity,), jnp.float32),
+      jax.ShapeDtypeStruct((topology.n_out,), jnp.float32),
     ),
     vmap_method="sequential",
     input_layouts=[_FEATURE_MAJOR, _FEATURE_MAJOR, None, None, None, None, None, None],
-    output_layouts=[_FEATURE_MAJOR, None],
+    output_layouts=[_FEATURE_MAJOR, None, None],
   )
-  dx, dv = call(
+  dx, dv, db = call(
     x,
     dy,
     values,
@@ -185,7 +187,7 @@ def native_backward(
     need_dx=np.int64(bool(need_dx)),
     **_attrs(isa, threads, tile),
   )
-  return (dx if need_dx else None), dv
+  return (dx if need_dx else None), dv, db
 
 
 # ---------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ def sparse_matmul(
   x: jax.Array,
   values: jax.Array,
   topology: CSRTopology,
+  bias: jax.Array | None = None,
   *,
   probe: jax.Array | None = None,
   method: Method = "auto",
@@ -118,12 +119,15 @@ def sparse_matmul(
   threads: int = 0,
   tile: int = 0,
 ) -> jax.Array:
-  """``x @ W`` for a CSR sparse layer, differentiable in ``x``, ``values`` and ``probe``.
+  """``x @ W (+ bias)`` for a CSR sparse layer, differentiable in ``x``, ``values``,
+  ``bias`` and ``probe``.
 
   Args:
     x: ``[..., n_in]`` activations.
     values: ``[C]`` weights of the slots.
     topology: the layer's topology (``n_in = prod(kernel_shape[:-1])``).
+    bias: optional ``[n_out]``; the native backward computes its gradient in the same
+      pass over ``dy`` as ``dvalues``.
     probe: optional ``[n_in, n_out]`` (zeros); its gradient is ``xᵀ·dy`` everywhere.
     method: ``"auto"``, ``"native"`` or ``"xla"`` (see the module docstring).
     isa: native only: cap on the SIMD level (``"portable"``, ``"avx2"``, ``"avx512"``).
@@ -137,15 +141,16 @@ def sparse_matmul(
     ValueError / TypeError: bad shapes, dtypes or method.
   """
   _check(x, values, topology, probe)
+  if bias is not None and bias.shape != (topology.n_out,):
+    raise ValueError(f"sparse_matmul: bias has shape {bias.shape}, expected ({topology.n_out},)")
   path = select_method(x.dtype, values.dtype, method)
   lead = x.shape[:-1]
   x2 = x.reshape(-1, topology.n_in)
   if path == "xla":
     y = _xla(x2, values, topology, probe)
-  elif probe is None:
-    y = _native(x2, values, topology, _Native(isa, threads, tile))
+    y = y if bias is None else y + bias.astype(y.dtype)
   else:
-    y = _native_probe(x2, values, probe, topology, _Native(isa, threads, tile))
+    y = _native(x2, values, bias, probe, topology, _Native(isa, threads, tile))
   return y.reshape(*lead, topology.n_out)
 
 
@@ -193,24 +198,34 @@ def _value(a):
   return a.value if hasattr(a, "perturbed") else a
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _native(x, values, topology, cfg):
-  return sparse_native.native_forward(
+def _forward(x, values, bias, topology, cfg):
+  y = sparse_native.native_forward(
     x, values, topology, isa=cfg.isa, threads=cfg.threads, tile=cfg.tile
   )
+  return y if bias is None else y + bias.astype(y.dtype)
 
 
-def _native_fwd(x, values, topology, cfg):
-  xv, vv, tv = _value(x), _value(values), jax.tree.map(_value, topology)
-  y = sparse_native.native_forward(xv, vv, tv, isa=cfg.isa, threads=cfg.threads, tile=cfg.tile)
-  return y, (xv, vv, tv, bool(getattr(x, "perturbed", True)))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _native(x, values, bias, probe, topology, cfg):
+  del probe
+  return _forward(x, values, bias, topology, cfg)
 
 
-def _backward(cfg, res, dy):
-  x, values, topology, need_dx = res
+def _native_fwd(x, values, bias, probe, topology, cfg):
+  xv, vv, bv, pv = _value(x), _value(values), _value(bias), _value(probe)
+  tv = jax.tree.map(_value, topology)
+  y = _forward(xv, vv, bv, tv, cfg)
+  probe_zero = None if pv is None else jnp.zeros((), pv.dtype)
+  bias_zero = None if bv is None else jnp.zeros((), bv.dtype)
+  need_dx = bool(getattr(x, "perturbed", True))
+  return y, (xv, vv, tv, need_dx, bias_zero, probe_zero)
+
+
+def _native_bwd(cfg, res, dy):
+  x, values, topology, need_dx, bias_zero, probe_zero = res
   if isinstance(dy, SymbolicZero):
     dy = jnp.zeros((x.shape[0], topology.n_out), jnp.float32)
-  dx, dv = sparse_native.native_backward(
+  dx, dv, db = sparse_native.native_backward(
     x,
     dy,
     values,
@@ -220,36 +235,11 @@ def _backward(cfg, res, dy):
     threads=cfg.threads,
     tile=cfg.tile,
   )
-  return dx, dv, dy
-
-
-def _native_bwd(cfg, res, dy):
-  dx, dv, _ = _backward(cfg, res, dy)
-  return dx, dv, None
+  dbias = None if bias_zero is None else db.astype(bias_zero.dtype)
+  dprobe = None
+  if probe_zero is not None:  # RigL's growth score: the dense gradient, by XLA's dot
+    dprobe = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(probe_zero.dtype)
+  return dx, dv, dbias, dprobe, None
 
 
 _native.defvjp(_native_fwd, _native_bwd, symbolic_zeros=True)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _native_probe(x, values, probe, topology, cfg):
-  del probe
-  return sparse_native.native_forward(
-    x, values, topology, isa=cfg.isa, threads=cfg.threads, tile=cfg.tile
-  )
-
-
-def _native_probe_fwd(x, values, probe, topology, cfg):
-  y, res = _native_fwd(x, values, topology, cfg)
-  return y, (*res, jnp.zeros((), _value(probe).dtype))
-
-
-def _native_probe_bwd(cfg, res, dy):
-  *res, probe_zero = res
-  dx, dv, dy = _backward(cfg, tuple(res), dy)
-  x = res[0]
-  grad = jnp.dot(x.T, dy, preferred_element_type=jnp.float32).astype(probe_zero.dtype)
-  return dx, dv, grad, None
-
-
-_native_probe.defvjp(_native_probe_fwd, _native_probe_bwd, symbolic_zeros=True)

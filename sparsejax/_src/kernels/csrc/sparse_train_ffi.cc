@@ -19,6 +19,7 @@
 //   sparsejax_sparse_fwd:  y[b, j]  = sum_{p in row j} values[p] * x[b, col[p]]
 //   sparsejax_sparse_bwd:  dx[b, i] = sum_{q in column i} values[csc_slot[q]] * dy[b, csc_row[q]]
 //                          dv[p]    = sum_b dy[b, row(p)] * x[b, col[p]]   (0 for padding slots)
+//                          db[j]    = sum_b dy[b, j]                      (the bias gradient)
 //
 // Kernels (no gathers, no atomics, no scratch memory; results do not depend on the
 // number of threads):
@@ -116,6 +117,7 @@ struct Sddmm {
   const IdxT* col;        // [C]
   const int32_t* ptr;     // [n_out + 1]
   float* dv;              // [C]
+  float* db;              // [n_out]: the bias gradient, sum_b dy[row, b]
   int64_t B;
 };
 
@@ -142,6 +144,13 @@ template <typename IdxT>
 void SddmmPortable(const Sddmm<IdxT>& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* dy = a.dy + r * a.B;
+    float b0 = 0.f, b1 = 0.f;
+    for (int64_t b = 0; b + 1 < a.B; b += 2) {
+      b0 += dy[b];
+      b1 += dy[b + 1];
+    }
+    if (a.B % 2) b0 += dy[a.B - 1];
+    a.db[r] = b0 + b1;
     for (int64_t p = a.ptr[r]; p < a.ptr[r + 1]; ++p) {
       const float* x = a.x + static_cast<int64_t>(a.col[p]) * a.B;
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
@@ -271,6 +280,12 @@ SJ_AVX512 void SddmmAvx512(const Sddmm<IdxT>& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* dy = a.dy + r * B;
     const int64_t p1 = a.ptr[r + 1];
+    {
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t c = 0; c < nfull; ++c) s = _mm512_add_ps(s, _mm512_loadu_ps(dy + 16 * c));
+      if (rem) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(rmask, dy + 16 * nfull));
+      a.db[r] = _mm512_reduce_add_ps(s);
+    }
     for (int64_t p = a.ptr[r]; p < p1; p += 16) {
       const int64_t g = std::min<int64_t>(16, p1 - p);
       const float* xs[16];
@@ -384,6 +399,14 @@ SJ_AVX2 void SpmmAvx2(const Spmm<IdxT>& a, int64_t b0, int64_t nb, int64_t r0, i
   }
 }
 
+// The sum of the 8 lanes of v, in lane 0.
+SJ_AVX2 inline __m256 Reduce8Avx2Sum(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm256_castps128_ps256(lo);
+}
+
 // 8 vectors -> one vector whose lane s is the sum of the lanes of v[s].
 SJ_AVX2 inline __m256 Reduce8Avx2(__m256 v[8]) {
   const __m256 t0 = _mm256_hadd_ps(v[0], v[1]);
@@ -404,6 +427,13 @@ SJ_AVX2 void SddmmAvx2(const Sddmm<IdxT>& a, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
     const float* dy = a.dy + r * B;
     const int64_t p1 = a.ptr[r + 1];
+    {
+      __m256 s = _mm256_setzero_ps();
+      for (int64_t c = 0; c < nfull; ++c) s = _mm256_add_ps(s, _mm256_loadu_ps(dy + 8 * c));
+      if (rem) s = _mm256_add_ps(s, _mm256_maskload_ps(dy + 8 * nfull, rmask));
+      __m256 t = Reduce8Avx2Sum(s);
+      a.db[r] = _mm256_cvtss_f32(t);
+    }
     for (int64_t p = a.ptr[r]; p < p1; p += 8) {
       const int64_t g = std::min<int64_t>(8, p1 - p);
       const float* xs[8];
@@ -661,7 +691,8 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
                         ffi::Buffer<ffi::S32> row_ptr, ffi::Buffer<ffi::S32> csc_ptr,
                         ffi::AnyBuffer csc_row, ffi::Buffer<ffi::S32> csc_slot,
                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dv,
-                        int64_t isa, int64_t threads, int64_t tile, int64_t need_dx) {
+                        ffi::ResultBuffer<ffi::F32> db, int64_t isa, int64_t threads, int64_t tile,
+                        int64_t need_dx) {
   const auto xd = x.dimensions(), yd = dy.dimensions(), vd = values.dimensions();
   if (xd.size() != 2 || yd.size() != 2 || vd.size() != 1 || col.dimensions().size() != 1 ||
       row_ptr.dimensions().size() != 1 || csc_ptr.dimensions().size() != 1 ||
@@ -672,7 +703,7 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const int64_t B = xd[0], n_in = xd[1], n_out = yd[1], C = vd[0];
   if (yd[0] != B || col.dimensions()[0] != C || row_ptr.dimensions()[0] != n_out + 1 ||
       csc_ptr.dimensions()[0] != n_in + 1 || csc_row.dimensions()[0] != C ||
-      csc_slot.dimensions()[0] != C || dv->dimensions()[0] != C ||
+      csc_slot.dimensions()[0] != C || dv->dimensions()[0] != C || db->element_count() != n_out ||
       (need_dx && (dx->dimensions()[0] != B || dx->dimensions()[1] != n_in))) {
     return Invalid("sparse backward", "inconsistent shapes x" + Dims(xd) + " dy" + Dims(yd) +
                                           " values" + Dims(vd) + " dx" + Dims(dx->dimensions()));
@@ -713,15 +744,16 @@ ffi::Error BackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   if (B == 0) {
     std::memset(dvp, 0, sizeof(float) * nnz);
+    std::memset(db->typed_data(), 0, sizeof(float) * n_out);
     return ffi::Error::Success();
   }
   if (col.element_type() == ffi::DataType::S16) {
     Sddmm<int16_t> a{x.typed_data(), dy.typed_data(), static_cast<const int16_t*>(col.untyped_data()),
-                     rptr, dvp, B};
+                     rptr, dvp, db->typed_data(), B};
     RunSddmm(pool, a, n_out, use, threads);
   } else {
     Sddmm<int32_t> a{x.typed_data(), dy.typed_data(), static_cast<const int32_t*>(col.untyped_data()),
-                     rptr, dvp, B};
+                     rptr, dvp, db->typed_data(), B};
     RunSddmm(pool, a, n_out, use, threads);
   }
   return ffi::Error::Success();
@@ -966,6 +998,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxSparseBackward, sparsejax_train::Backward
                                   .Arg<ffi::Buffer<ffi::S32>>()  // csc_slot
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dx (feature-major)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // db (bias gradient)
                                   .Attr<int64_t>("isa")
                                   .Attr<int64_t>("threads")
                                   .Attr<int64_t>("tile")
