@@ -23,6 +23,7 @@ from flax import nnx
 
 import sparsejax as sj
 from experiments import data as data_lib
+from experiments import input_pipeline
 from experiments import models as models_lib
 from experiments.run_metrics import say
 
@@ -132,11 +133,22 @@ def _keywords(
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-  """Linear warm-up then constant or cosine decay to 0."""
+  """Linear warm-up, then constant, cosine decay to 0, or step decay.
+
+  ``"step"`` multiplies the rate by ``config.lr_decay_factor`` at each of
+  ``config.lr_boundaries`` (fractions of training, counted from step 0: RigL's ImageNet
+  schedule is ``(0.3, 0.7, 0.9)``, epochs 30, 70 and 90 of 100).
+  """
   warmup = max(0, min(int(config.warmup_steps), num_steps - 1))
   lr = float(config.learning_rate)
   if config.lr_schedule == "cosine":
     main = optax.cosine_decay_schedule(lr, max(1, num_steps - warmup))
+  elif config.lr_schedule == "step":
+    bounds = {
+      int(round(b * num_steps)) - warmup: float(config.lr_decay_factor)
+      for b in config.lr_boundaries
+    }
+    main = optax.piecewise_constant_schedule(lr, {b: f for b, f in bounds.items() if b > 0})
   else:
     main = optax.constant_schedule(lr)
   if warmup == 0:
@@ -144,20 +156,31 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) ->
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
+def _decay_mask(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
+  """Params whose path matches ``config.weight_decay_exclude`` are not decayed."""
+  if not config.weight_decay_exclude:
+    return None
+  exclude = re.compile(config.weight_decay_exclude)
+  return lambda params: jax.tree_util.tree_map_with_path(
+    lambda path, _: not exclude.search(sj.path_to_str(path)), params
+  )
+
+
 def inner_optimizer(
   config: ml_collections.ConfigDict, schedule: optax.Schedule
 ) -> optax.GradientTransformation:
-  """The dense optimizer that the sparse method wraps."""
-  wd = float(config.weight_decay)
-  if config.optimizer == "sgd":
-    parts = [optax.add_decayed_weights(wd)] if wd else []
-    parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
-    return optax.chain(*parts) if len(parts) > 1 else parts[0]
-  if config.optimizer == "adam":
-    parts = [optax.add_decayed_weights(wd)] if wd else []
-    parts.append(optax.adam(schedule))
-    return optax.chain(*parts) if len(parts) > 1 else parts[0]
-  return optax.adamw(schedule, weight_decay=wd)
+  """The dense optimizer that the sparse method wraps (gradient clipping first, if set)."""
+  wd, mask = float(config.weight_decay), _decay_mask(config)
+  parts = [optax.clip_by_global_norm(float(config.grad_clip_norm))] if config.grad_clip_norm else []
+  if config.optimizer == "adamw":
+    parts.append(optax.adamw(schedule, weight_decay=wd, mask=mask))
+  else:
+    parts += [optax.add_decayed_weights(wd, mask)] if wd else []
+    if config.optimizer == "sgd":
+      parts.append(optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
+    else:
+      parts.append(optax.adam(schedule))
+  return optax.chain(*parts) if len(parts) > 1 else parts[0]
 
 
 def _exact(path: str) -> str:
@@ -387,8 +410,21 @@ def enable_compilation_cache(path: str) -> None:
   compilation_cache.reset_cache()  # takes effect even after earlier compilations.
 
 
-def load_data(config: ml_collections.ConfigDict, workdir: str):
-  """The config's dataset (cached in ``config.data.cache_dir`` or the workdir) and batches."""
+def load_data(config: ml_collections.ConfigDict, workdir: str, rows: Sequence[int] | None = None):
+  """The config's dataset and batches (of each global batch, the ``rows`` of this process).
+
+  In-memory datasets are cached in ``config.data.cache_dir`` or the workdir; ``cifar10`` and
+  ``imagenet2012`` are read from ``config.data.dir`` (:mod:`experiments.input_pipeline`).
+  """
+  n = int(config.num_train_steps)
+  if config.dataset in input_pipeline.DATASET_NAMES:
+    rows = range(int(config.batch_size)) if rows is None else rows
+    ds, train_iter = input_pipeline.load(config, rows)
+    epochs = n / train_iter.steps_per_epoch
+    say(
+      f"Dataset {ds.name} ({config.data.dir}): {ds.train_size} train examples, {epochs:.2f} epochs."
+    )
+    return ds, train_iter
   ds = data_lib.load_dataset(
     config.dataset,
     cache_dir=config.data.cache_dir or os.path.join(workdir, "data"),
@@ -396,8 +432,9 @@ def load_data(config: ml_collections.ConfigDict, workdir: str):
     num_samples=config.data.num_samples,
     mnist1d_seed=config.data.mnist1d_seed,
   )
-  train_iter = data_lib.BatchIterator(ds.x_train, ds.y_train, config.batch_size, seed=config.seed)
-  n = int(config.num_train_steps)
+  train_iter = data_lib.BatchIterator(
+    ds.x_train, ds.y_train, config.batch_size, seed=config.seed, rows=rows
+  )
   say(
     f"Dataset {ds.name}: train {ds.x_train.shape}, test {ds.x_test.shape}, "
     f"{train_iter.steps_per_epoch} steps/epoch, {n} steps ({n / train_iter.steps_per_epoch:.1f} "

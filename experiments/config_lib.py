@@ -17,13 +17,13 @@ import jax
 import ml_collections
 
 import sparsejax as sj
-from experiments import builders, parallel
+from experiments import builders, input_pipeline, parallel
 from experiments import data as data_lib
 from experiments import models as models_lib
 from experiments.configs import default as default_config
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "step")
 DISTRIBUTIONS = ("uniform", "erdos_renyi", "erk", "global")
 DECAYS = ("cosine", "constant")
 INITS = ("", "random", "dense", "magnitude", "snip")
@@ -43,6 +43,9 @@ BOOKKEEPING = (
   "checkpoint_every_steps",
   "max_checkpoints_to_keep",
   "data.cache_dir",
+  "data.dir",
+  "data.num_workers",
+  "data.num_threads",
 )
 
 
@@ -155,6 +158,22 @@ def _check_schedule_ranges(d: ml_collections.ConfigDict) -> None:
     )
 
 
+def _check_scale_fields(c: ml_collections.ConfigDict) -> None:
+  """Fields of the published setups (``config.data.dir`` is checked when the data load)."""
+  if not 0.0 <= c.label_smoothing < 1.0:
+    raise ValueError(f"config.label_smoothing must be in [0, 1); got {c.label_smoothing}.")
+  values = {
+    "grad_clip_norm": c.grad_clip_norm,
+    "eval_batch_size": c.eval_batch_size,
+    "data.num_workers": c.data.num_workers,
+    "data.num_threads": c.data.num_threads,
+    "data.image_size": c.data.image_size,
+  }
+  for name, value in values.items():
+    if value < 0:
+      raise ValueError(f"config.{name} must be >= 0; got {value}.")
+
+
 def _check_method_fields(dst: ml_collections.ConfigDict) -> None:
   """A ``config.dst`` field the method does not take must keep its default."""
   taken = set(builders.METHODS[dst.method].fields) | {"method"}
@@ -193,7 +212,7 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _check_keys(given, reference, "")
   c = ml_collections.ConfigDict(_merge(reference, given))
   _choice("dst.method", c.dst.method, tuple(builders.METHODS))
-  _choice("dataset", c.dataset, data_lib.DATASET_NAMES)
+  _choice("dataset", c.dataset, data_lib.DATASET_NAMES + input_pipeline.DATASET_NAMES)
   _choice("model", c.model, models_lib.MODEL_NAMES)
   _choice("optimizer", c.optimizer, OPTIMIZERS)
   _choice("lr_schedule", c.lr_schedule, LR_SCHEDULES)
@@ -211,6 +230,8 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
       f"config.batch_size={c.batch_size} must be divisible by config.mesh.data * "
       f"config.mesh.fsdp = {batch_shards} (the batch is split over both axes)."
     )
+  parallel.check_processes(c, mesh_sizes)
+  _check_scale_fields(c)
   if isinstance(c.extra_imports, str):
     raise ValueError(
       f"config.extra_imports must be a list of module names, got the string "

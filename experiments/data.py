@@ -21,7 +21,7 @@ import hashlib
 import os
 import random
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from absl import logging
@@ -44,6 +44,22 @@ class Dataset:
   def input_shape(self) -> tuple[int, ...]:
     """Per-example input shape."""
     return tuple(self.x_train.shape[1:])
+
+  @property
+  def eval_size(self) -> int:
+    """Number of test examples."""
+    return len(self.x_test)
+
+  def eval_batches(self, batch_size: int, rows: Sequence[int]) -> Iterator[tuple[np.ndarray, ...]]:
+    """This process's ``rows`` of every global test batch: ``(x, y, weight)``.
+
+    Rows past the end of the test set repeat example 0 with weight 0 (padding).
+    """
+    n, rows = len(self.x_test), np.asarray(rows, np.int64)
+    for start in range(0, n, batch_size or n):
+      pos = start + rows
+      idx = np.where(pos < n, pos, 0)
+      yield self.x_test[idx], self.y_test[idx], (pos < n).astype(np.float32)
 
 
 def _atomic_savez(path: str, **arrays: np.ndarray) -> None:
@@ -240,9 +256,18 @@ class BatchIterator:
     y: labels.
     batch_size: examples per batch; must be <= the number of examples.
     seed: shuffling seed.
+    rows: the rows of each batch to produce (this process's rows of the global batch on a
+      multi-process mesh); default all.
   """
 
-  def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
+  def __init__(
+    self,
+    x: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    seed: int,
+    rows: Sequence[int] | None = None,
+  ):
     if len(x) != len(y):
       raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}.")
     if not 0 < batch_size <= len(x):
@@ -251,6 +276,7 @@ class BatchIterator:
       )
     self.x, self.y = x, y
     self.batch_size = int(batch_size)
+    self.rows = None if rows is None else np.asarray(rows, np.int64)
     self.seed = int(seed)
     self.steps_per_epoch = len(x) // self.batch_size
     self.epoch = 0
@@ -280,6 +306,8 @@ class BatchIterator:
 
   def __next__(self) -> tuple[np.ndarray, np.ndarray]:
     idx = self._perm[self.batch * self.batch_size : (self.batch + 1) * self.batch_size]
+    if self.rows is not None:
+      idx = idx[self.rows]
     self.batch += 1
     if self.batch == self.steps_per_epoch:
       self.epoch += 1

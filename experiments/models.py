@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-MODEL_NAMES = ("mlp", "cnn1d", "cnn2d")
+from experiments import vision_models
+
+MODEL_NAMES = ("mlp", "cnn1d", "cnn2d", *vision_models.MODEL_NAMES)
 
 
 def _conv_out(length: int, stride: int) -> int:
@@ -204,7 +206,8 @@ def create_model(
   """Builds a model by name.
 
   Args:
-    name: one of ``"mlp"``, ``"cnn1d"``, ``"cnn2d"``.
+    name: one of ``"mlp"``, ``"cnn1d"``, ``"cnn2d"`` or a published setup's model
+      (:mod:`experiments.vision_models`: ``"resnet18_cifar"``, ``"resnet50"``, ``"vit_s16"``).
     input_shape: per-example input shape.
     num_classes: number of output logits.
     seed: initialization seed (``nnx.Rngs(seed)``).
@@ -228,6 +231,8 @@ def create_model(
     return CNN2D(
       input_shape, num_classes, channels=tuple(cnn2d_channels), hidden=cnn2d_hidden, rngs=rngs
     )
+  if name in vision_models.MODEL_NAMES:
+    return vision_models.create(name, input_shape, num_classes, rngs=rngs)
   raise ValueError(f"Unknown config.model={name!r}; allowed values: {', '.join(MODEL_NAMES)}.")
 
 

@@ -171,3 +171,92 @@ def describe(mesh: Mesh | None, model_shardings: Sequence[NamedSharding] = ()) -
     "sharded_param_leaves": sharded,
     "param_leaves": len(model_shardings),
   }
+
+
+# --------------------------------------------------------------------------------------
+# Batches split by process.
+# --------------------------------------------------------------------------------------
+
+
+def process_rows(mesh: Mesh | None, batch_size: int) -> list[int]:
+  """The rows of a global batch that this process's devices hold (all rows without a mesh).
+
+  Each process loads only these rows (:class:`BatchPlacer` assembles the global batch).
+  """
+  batch_size = int(batch_size)
+  if mesh is None:
+    return list(range(batch_size))
+  rows: set[int] = set()
+  for index in batch_sharding(mesh).addressable_devices_indices_map((batch_size,)).values():
+    rows.update(range(*index[0].indices(batch_size)))
+  return sorted(rows)
+
+
+class BatchPlacer:
+  """Turns this process's rows of a global batch into one global array per input.
+
+  Without a mesh the NumPy arrays pass through (``jit`` places them). On a mesh each local
+  device gets its slice of the batch's leading axis (``batch_sharding``), and
+  ``jax.make_array_from_single_device_arrays`` joins the slices of every process into the
+  global batch.
+
+  Args:
+    mesh: the run's mesh, or None.
+    batch_size: the global batch size.
+  """
+
+  def __init__(self, mesh: Mesh | None, batch_size: int):
+    self.mesh, self.batch_size = mesh, int(batch_size)
+    self.rows = process_rows(mesh, self.batch_size)
+    if mesh is not None:
+      self.sharding = batch_sharding(mesh)
+      position = {r: i for i, r in enumerate(self.rows)}
+      self.slices = []  # (device, first row in this process's rows, number of rows)
+      for device, index in self.sharding.addressable_devices_indices_map(
+        (self.batch_size,)
+      ).items():
+        rows = range(*index[0].indices(self.batch_size))
+        self.slices.append((device, position[rows[0]], len(rows)))
+
+  def __call__(self, arrays: Sequence[Any]) -> tuple[Any, ...]:
+    if self.mesh is None:
+      return tuple(arrays)
+    out = []
+    for a in arrays:
+      pieces = [jax.device_put(a[i : i + n], d) for d, i, n in self.slices]
+      shape = (self.batch_size, *a.shape[1:])
+      out.append(jax.make_array_from_single_device_arrays(shape, self.sharding, pieces))
+    return tuple(out)
+
+
+def eval_batch_size(config: ml_collections.ConfigDict, eval_size: int, mesh: Mesh | None) -> int:
+  """``config.eval_batch_size`` (0: the whole eval set) rounded up to the batch shards."""
+  size = int(config.get("eval_batch_size", 0)) or int(eval_size)
+  if mesh is None:
+    return size
+  shards = int(mesh.shape["data"] * mesh.shape["fsdp"])
+  return -(-size // shards) * shards
+
+
+def check_processes(config: ml_collections.ConfigDict, sizes: Mapping[str, int]) -> None:
+  """Multi-process runs: the mesh spans every device and the batch splits evenly.
+
+  Raises:
+    ValueError: naming ``config.mesh`` or ``config.batch_size``.
+  """
+  processes = jax.process_count()
+  if processes == 1:
+    return
+  devices, local = jax.device_count(), jax.local_device_count()
+  if math.prod(sizes.values()) != devices:
+    raise ValueError(
+      f"config.mesh {dict(sizes)} uses {math.prod(sizes.values())} of the {devices} devices "
+      f"of the {processes} processes; a multi-process run needs a mesh over all of them "
+      "(e.g. --config.mesh.data=-1)."
+    )
+  if int(config.batch_size) % (processes * local):
+    raise ValueError(
+      f"config.batch_size={config.batch_size} must be divisible by the number of processes "
+      f"× devices per process = {processes} × {local} = {processes * local} (every device "
+      "gets the same number of examples)."
+    )

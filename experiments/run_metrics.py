@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 import jax
@@ -272,6 +272,8 @@ class Recorder:
     topology_path: ``<workdir>/topology.jsonl``.
     target_sparsity: per update count, the sparsity schedule's target (None: the method
       has no sparsity schedule).
+    fetch: gathers device arrays to the host (on a multi-process mesh, through a
+      replicated copy); ``""`` as ``topology_path`` writes no file (processes other than 0).
   """
 
   masks_fn: Callable[..., Any]
@@ -284,6 +286,7 @@ class Recorder:
   sparse: bool
   topology_path: str
   target_sparsity: np.ndarray | None = None
+  fetch: Callable[[Any], Any] = jax.device_get
 
   def topology(self, state: _State, turnover: Mapping[str, float] | None = None) -> dict:
     """A topology record of the current masks (also appended to ``topology.jsonl``).
@@ -293,8 +296,9 @@ class Recorder:
     forward FLOPs per example of every kernel.
     """
     masks = jax.device_get(self.masks_fn(state.mstate, state.ostate))
-    rec, fan_in = topology_record(self.mask_paths, masks, jax.device_get(state.ever))
-    append_fan_in(self.topology_path, state.step, fan_in)
+    rec, fan_in = topology_record(self.mask_paths, masks, self.fetch(state.ever))
+    if self.topology_path:
+      append_fan_in(self.topology_path, state.step, fan_in)
     rec.update(mask_sparsities(self.mask_paths, masks))
     rec.pop("nnz/total")
     if state.step == 0:
@@ -327,9 +331,16 @@ class Recorder:
     state.window.reset_grown()
     return self.topology(state, rec)
 
-  def evaluate(self, state: _State, x: jax.Array, y: jax.Array):
-    """``(record, forward weights by path, masks by path or None)`` of the current state."""
-    loss, accuracy = self.eval_fn(state.mstate, state.ostate, x, y)
+  def evaluate(self, state: _State, batches: Iterable[tuple[jax.Array, ...]]):
+    """``(record, forward weights by path, masks by path or None)`` of the current state.
+
+    ``batches`` are the placed ``(x, y, weight)`` evaluation batches; the loss and the
+    accuracy are weighted means over all of them (padding rows weigh 0).
+    """
+    totals = np.zeros(3)
+    for batch in batches:
+      totals += np.asarray(jax.device_get(self.eval_fn(state.mstate, state.ostate, *batch)))
+    loss, accuracy = totals[0] / totals[2], totals[1] / totals[2]
     weights = jax.device_get(self.weights_fn(state.mstate, state.ostate))
     params = dict(zip(self.param_paths, weights, strict=True))
     masks = None

@@ -64,207 +64,31 @@ changes allowed on resumption.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
-from flax import nnx
 
 import sparsejax as sj
-from experiments import builders, config_lib, parallel, run_metrics
-from experiments import models as models_lib
+from experiments import builders, config_lib, distributed, parallel, run_metrics, steps
 from experiments import workdir as workdir_lib
 from experiments.run_metrics import say
 
-# --------------------------------------------------------------------------------------
-# The step functions (pure, on flat lists of state arrays; jitted once per run).
-# --------------------------------------------------------------------------------------
-
-
-class StateDefs(NamedTuple):
-  """The static structure of the flat model and optimizer states.
-
-  The states travel through ``jit`` as flat lists of arrays: dispatch then skips NNX's
-  Python-level pytree flattening (about 1 ms per step for the experiments' models).
-  """
-
-  model: Any  # nnx.GraphDef
-  model_tree: Any  # jax PyTreeDef of nnx.state(model)
-  optimizer: Any
-  optimizer_tree: Any
-  sparse: bool  # the optimizer is a sparsejax transformation
-
-  def merge(self, mstate: Sequence[jax.Array], ostate: Sequence[jax.Array]):
-    """The model and optimizer of the flat states."""
-    model = nnx.merge(self.model, jax.tree.unflatten(self.model_tree, mstate))
-    optimizer = nnx.merge(self.optimizer, jax.tree.unflatten(self.optimizer_tree, ostate))
-    return model, optimizer
-
-
-def sparse_layers(optimizer: nnx.Optimizer, sparse: bool) -> list[tuple[str, jax.Array]]:
-  """``(path, mask)`` of the sparse layers (``sparsejax.get_masks``); [] when dense."""
-  if not sparse:
-    return []
-  return sj.metrics.sparse_leaves(sj.get_masks(optimizer.opt_state))
-
-
-def sparse_masks(optimizer: nnx.Optimizer, sparse: bool) -> list[jax.Array]:
-  """The sparse layers' masks, in tree order; [] when dense."""
-  return [m for _, m in sparse_layers(optimizer, sparse)]
-
-
-def forward_model(model: nnx.Module, optimizer: nnx.Optimizer, sparse: bool) -> nnx.Module:
-  """The model with the weights its forward pass uses (``sparsejax.forward_params``)."""
-  if not sparse:
-    return model
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  return nnx.merge(graphdef, sj.forward_params(params, optimizer.opt_state), rest)
-
-
-def _loss_and_logits(model, optimizer, x, y, sparse):
-  logits = forward_model(model, optimizer, sparse)(x)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), logits
-
-
-def train_step(defs: StateDefs, mstate, ostate, ever, x, y):
-  """One optimizer step.
-
-  Args:
-    defs: the states' structure.
-    mstate: the model's state leaves.
-    ostate: the optimizer's state leaves.
-    ever: per sparse layer, the OR of every mask so far.
-    x: the batch's inputs.
-    y: the batch's integer labels.
-
-  Returns:
-    ``(mstate, ostate, ever, metrics)``; ``metrics`` has the batch ``loss``, the number of
-    ``correct`` predictions and ``grown_nnz`` (``[layers, 2]``: per sparse layer, weights
-    that became active in this step, and the active weights before it).
-  """
-  model, optimizer = defs.merge(mstate, ostate)
-  old = sparse_masks(optimizer, defs.sparse)
-  grad_fn = nnx.value_and_grad(_loss_and_logits, has_aux=True)
-  (loss, logits), grads = grad_fn(model, optimizer, x, y, defs.sparse)
-  optimizer.update(model, grads)
-  new = sparse_masks(optimizer, defs.sparse)
-  counts = [
-    jnp.stack([jnp.sum(n & ~o, dtype=jnp.int32), jnp.sum(o, dtype=jnp.int32)])
-    for o, n in zip(old, new, strict=True)
-  ]
-  ever = [e | n for e, n in zip(ever, new, strict=True)]
-  metrics = {
-    "loss": loss,
-    "correct": jnp.sum(jnp.argmax(logits, -1) == y, dtype=jnp.int32),
-    "grown_nnz": jnp.stack(counts) if counts else jnp.zeros((0, 2), jnp.int32),
-  }
-  return jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(optimizer)), ever, metrics
-
-
-def eval_step(defs: StateDefs, mstate, ostate, x, y):
-  """Test loss and accuracy of the forward pass (``sparsejax.forward_params``)."""
-  model, optimizer = defs.merge(mstate, ostate)
-  loss, logits = _loss_and_logits(model, optimizer, x, y, defs.sparse)
-  return loss, jnp.mean(jnp.argmax(logits, -1) == y)
-
-
-def current_masks(defs: StateDefs, mstate, ostate) -> list[jax.Array]:
-  """The sparse layers' current masks."""
-  return sparse_masks(defs.merge(mstate, ostate)[1], defs.sparse)
-
-
-def forward_weights(defs: StateDefs, mstate, ostate) -> list[jax.Array]:
-  """The param leaves the forward pass uses."""
-  model, optimizer = defs.merge(mstate, ostate)
-  return jax.tree.leaves(nnx.state(forward_model(model, optimizer, defs.sparse), nnx.Param))
-
-
-class StepFns(NamedTuple):
-  """The jitted step functions of a run."""
-
-  train: Any
-  eval: Any
-  masks: Any
-  weights: Any
-
-
-# --------------------------------------------------------------------------------------
-# Setup.
-# --------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _timer(name: str):
-  t0 = time.monotonic()
-  yield
-  logging.info("%s took %.2f s", name, time.monotonic() - t0)
-
-
-def _init(create, tx: optax.GradientTransformation, sparse: bool):
-  """Model, optimizer and ever-active masks, in one compiled program."""
-
-  @nnx.jit
-  def init():
-    model = create()
-    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-    if sparse:  # start sparse (a no-op for methods that keep dense weights, e.g. SR-STE).
-      nnx.update(model, sj.apply_masks(nnx.state(model, nnx.Param), optimizer.opt_state))
-    return model, optimizer, [m | False for m in sparse_masks(optimizer, sparse)]
-
-  with _timer("init"):
-    return init()
-
-
-def _place(config, model, optimizer, ever, sparse: bool, mask_paths: Sequence[str]):
-  """Splits the objects into flat states, places them on the mesh and jits the steps.
-
-  Returns:
-    ``(defs, fns, mstate, ostate, ever, mesh_info)``.
-  """
-  mdef, mtree = nnx.split(model)
-  odef, otree = nnx.split(optimizer)
-  defs = StateDefs(mdef, jax.tree.structure(mtree), odef, jax.tree.structure(otree), sparse)
-  mstate, ostate = jax.tree.leaves(mtree), jax.tree.leaves(otree)
-  mesh = parallel.make_mesh(config.mesh)
-  train = functools.partial(train_step, defs)
-  if mesh is None:
-    train_jit = jax.jit(train, donate_argnums=(0, 1, 2))
-    mesh_info = parallel.describe(None)
-  else:
-    # Params, masks and moments sharded like their params, counters replicated, the batch
-    # split over data x fsdp; jit's in/out shardings keep every step on that layout.
-    m_sh, o_sh, by_path = parallel.state_shardings(
-      mesh, mtree, otree, min_shard_size=int(config.mesh.min_shard_size)
-    )
-    ever_sh = parallel.shardings_for_paths(mask_paths, by_path, mesh)
-    mstate, ostate = jax.device_put(mstate, m_sh), jax.device_put(ostate, o_sh)
-    ever = jax.device_put(list(ever), ever_sh)
-    batch_sh = parallel.batch_sharding(mesh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_jit = jax.jit(
-      train,
-      in_shardings=(m_sh, o_sh, ever_sh, batch_sh, batch_sh),
-      out_shardings=(m_sh, o_sh, ever_sh, replicated),
-      donate_argnums=(0, 1, 2),
-    )
-    mesh_info = parallel.describe(mesh, m_sh)
-    say(f"Mesh {mesh_info}.")
-  fns = StepFns(
-    train=train_jit,
-    eval=jax.jit(functools.partial(eval_step, defs)),
-    masks=jax.jit(functools.partial(current_masks, defs)),
-    weights=jax.jit(functools.partial(forward_weights, defs)),
-  )
-  return defs, fns, mstate, ostate, list(ever), mesh_info
+# The step functions and the flat states live in ``steps.py`` (names kept here for callers).
+StateDefs, StepFns = steps.StateDefs, steps.StepFns
+train_step, eval_step = steps.train_step, steps.eval_step
+sparse_layers, sparse_masks, forward_model = (
+  steps.sparse_layers,
+  steps.sparse_masks,
+  steps.forward_model,
+)
+_init = steps.init_objects  # NNX objects (tests); runs use steps.initialize
 
 
 # --------------------------------------------------------------------------------------
@@ -289,7 +113,11 @@ class TrainState:
 
 
 class Run(NamedTuple):
-  """A run ready to train: its state (restored if resuming) and its static facts."""
+  """A run ready to train: its state (restored if resuming) and its static facts.
+
+  ``place`` turns this process's rows of a training batch into the global batch on the
+  mesh; ``eval_batches()`` yields the placed ``(x, y, weight)`` evaluation batches.
+  """
 
   defs: StateDefs
   fns: StepFns
@@ -300,10 +128,12 @@ class Run(NamedTuple):
   mesh_info: dict[str, Any]
   learning_rate: optax.Schedule
   num_params: int
+  place: Any
+  eval_batches: Any
 
 
-def setup(config: ml_collections.ConfigDict, ds, train_iter, ckpt, workdir: str) -> Run:
-  """Builds the model and optimizer, restores the latest checkpoint, jits the steps."""
+def setup(config: ml_collections.ConfigDict, ds, train_iter, ckpt, workdir: str, mesh=None) -> Run:
+  """Builds the model and optimizer on ``mesh``, restores the latest checkpoint, jits the steps."""
   num_steps = int(config.num_train_steps)
   create = builders.model_factory(config, ds.input_shape, ds.num_classes)
   positions = builders.kernel_positions(create)  # definition order: first ... output layer
@@ -312,31 +142,46 @@ def setup(config: ml_collections.ConfigDict, ds, train_iter, ckpt, workdir: str)
   tx = builders.build_transformation(config, num_steps, lr_schedule, list(positions), init_masks)
   builders.check_allocation(config, tx, create)
   sparse = isinstance(tx, sj.SparseTransformation)
-  model, optimizer, ever = _init(create, tx, sparse)
-  mask_paths = [p for p, _ in sparse_layers(optimizer, sparse)]
-  params = nnx.as_pure(nnx.state(model, nnx.Param))
-  param_paths = tuple(p for p, _ in sj.metrics.sparse_leaves(params))
-  window = run_metrics.Window.empty(len(mask_paths))
-  resumed_from, ever, window = workdir_lib.restore(ckpt, model, optimizer, ever, train_iter, window)
-  defs, fns, mstate, ostate, ever, mesh_info = _place(
-    config, model, optimizer, ever, sparse, mask_paths
+  init = steps.initialize(config, create, tx, sparse, mesh)  # sharded from the first allocation
+  window = run_metrics.Window.empty(len(init.mask_paths))
+  resumed_from, mstate, ostate, ever, window = workdir_lib.restore(
+    ckpt, init.defs, init.mstate, init.ostate, init.ever, train_iter, window
   )
+  fns = steps.jit_steps(init, mesh)
+  mesh_info = parallel.describe(mesh, init.shardings[0] if init.shardings else ())
+  if mesh is not None:
+    say(f"Mesh {mesh_info} over {jax.process_count()} process(es).")
   schedule = builders.mask_schedule(config, num_steps)
   recorder = run_metrics.Recorder(
     masks_fn=fns.masks,
     weights_fn=fns.weights,
     eval_fn=fns.eval,
-    mask_paths=tuple(mask_paths),
-    param_paths=param_paths,
+    mask_paths=tuple(init.mask_paths),
+    param_paths=init.param_paths,
     positions=positions,
     drop_fraction=schedule.drop_fraction,
     target_sparsity=schedule.target_sparsity,
     sparse=sparse,
-    topology_path=os.path.join(workdir, "topology.jsonl"),
+    topology_path=os.path.join(workdir, "topology.jsonl") if distributed.is_primary() else "",
+    fetch=fns.fetch,
   )
   state = TrainState(mstate, ostate, ever, resumed_from or 0, window)
-  num_params = models_lib.count_params(model)
-  return Run(defs, fns, recorder, schedule, state, resumed_from, mesh_info, lr_schedule, num_params)
+  place = parallel.BatchPlacer(mesh, int(config.batch_size))
+  evals = parallel.BatchPlacer(mesh, parallel.eval_batch_size(config, ds.eval_size, mesh))
+  eval_batches = lambda: map(evals, ds.eval_batches(evals.batch_size, evals.rows))  # noqa: E731
+  return Run(
+    init.defs,
+    fns,
+    recorder,
+    schedule,
+    state,
+    resumed_from,
+    mesh_info,
+    lr_schedule,
+    init.num_params,
+    place,
+    eval_batches,
+  )
 
 
 def _save(ckpt, config: ml_collections.ConfigDict, run: Run, train_iter) -> None:
@@ -382,6 +227,21 @@ def _result(config, run: Run, final: Mapping[str, Any], progress, compiles: int,
   return result
 
 
+def _open_workdir(config: ml_collections.ConfigDict, workdir: str, allow_config_change: bool):
+  """``(workdir, checkpoint manager, run record, allowed config changes)``.
+
+  Refuses a changed config before anything is written.
+  """
+  workdir = workdir_lib.prepare(workdir)
+  ckpt = sj.checkpoint.CheckpointManager(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=int(config.max_checkpoints_to_keep),
+    async_save=bool(config.async_checkpointing),
+  )
+  record = workdir_lib.RunRecord(workdir, ckpt)
+  return workdir, ckpt, record, record.check(config, allow_config_change)
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
 ) -> dict[str, Any]:
@@ -409,23 +269,21 @@ def train_and_evaluate(
   """
   t_start = time.monotonic()
   config = config_lib.validate_config(config)
-  workdir = workdir_lib.prepare(workdir)
-  ckpt = sj.checkpoint.CheckpointManager(
-    os.path.join(workdir, "checkpoints"),
-    max_to_keep=int(config.max_checkpoints_to_keep),
-    async_save=bool(config.async_checkpointing),
-  )
-  record = workdir_lib.RunRecord(workdir, ckpt)
-  changes = record.check(config, allow_config_change)  # refuses before anything is written.
+  workdir, ckpt, record, changes = _open_workdir(config, workdir, allow_config_change)
   if config.jax_cache_dir:
     builders.enable_compilation_cache(config.jax_cache_dir)
   builders.import_extra_modules(config.extra_imports)
-  ds, train_iter = builders.load_data(config, workdir)
-  run = setup(config, ds, train_iter, ckpt, workdir)
+  mesh = parallel.make_mesh(config.mesh)
+  ds, train_iter = builders.load_data(
+    config, workdir, parallel.process_rows(mesh, config.batch_size)
+  )
+  run = setup(config, ds, train_iter, ckpt, workdir, mesh)
   state, recorder = run.state, run.recorder
-  workdir_lib.truncate_metrics(workdir, run.resumed_from)
+  primary = distributed.is_primary()  # process 0 writes the files; every process checkpoints
+  if primary:
+    workdir_lib.truncate_metrics(workdir, run.resumed_from)
   writer = sj.metrics.create_default_writer(workdir, tensorboard=bool(config.tensorboard))
-  if record.write(config, state.step, changes):
+  if primary and record.write(config, state.step, changes):
     writer.write_hparams(config.to_dict())
   logging.info("Resolved config:\n%s", config)
   say(f"Model {config.model}: {run.num_params} parameters; method {config.dst.method}.")
@@ -437,7 +295,6 @@ def train_and_evaluate(
     every_secs=float(config.progress_every_secs) or None,
     log_fn=say,
   )
-  x_test, y_test = jnp.asarray(ds.x_test), jnp.asarray(ds.y_test)
   lr_fn = jax.jit(run.learning_rate)
   outputs = run_metrics.StepOutputs(state.window, len(recorder.mask_paths))
   if state.step == 0 and recorder.sparse:
@@ -446,7 +303,7 @@ def train_and_evaluate(
   steps_run = 0
   while state.step < num_steps and (stop_at < 0 or state.step < stop_at):
     scheduled = bool(run.schedule.updates[state.step])
-    x, y = next(train_iter)
+    x, y = run.place(next(train_iter))
     section = "mask_update" if scheduled else "train_step"
     with progress.timed(section, first_call_compiles=not scheduled):
       state.mstate, state.ostate, state.ever, out = run.fns.train(
@@ -470,7 +327,7 @@ def train_and_evaluate(
     if step % int(config.eval_every_steps) == 0 or last:
       outputs.flush()
       with progress.timed("eval"):
-        rec, params, masks = recorder.evaluate(state, x_test, y_test)
+        rec, params, masks = recorder.evaluate(state, run.eval_batches())
       if last:
         rec["final/test_accuracy"], rec["final/test_loss"] = rec["eval/accuracy"], rec["eval/loss"]
         rec.update(run_metrics.final_weight_sparsity(params, masks))
@@ -491,9 +348,9 @@ def train_and_evaluate(
   compiles = run.fns.train._cache_size()  # pylint: disable=protected-access
   if steps_run and compiles != 1:
     logging.warning("The train step compiled %d times (expected 1).", compiles)
-  final, _, _ = recorder.evaluate(state, x_test, y_test)  # also when the run was complete.
+  final, _, _ = recorder.evaluate(state, run.eval_batches())  # also when the run was complete.
   result = _result(config, run, final, progress, compiles, t_start)
-  if config.write_plots and state.step == num_steps and steps_run:
+  if primary and config.write_plots and state.step == num_steps and steps_run:
     workdir_lib.write_plots(workdir)
   writer.close()
   return result

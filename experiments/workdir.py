@@ -19,9 +19,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_collections
 from absl import logging
-from flax import nnx
 
 import sparsejax as sj
 from experiments import config_lib, run_metrics
@@ -168,19 +168,24 @@ class RunRecord:
     return False
 
 
-def restore(ckpt: sj.checkpoint.CheckpointManager, model, optimizer, ever, train_iter, window):
-  """Restores the latest checkpoint, if any, into the run's objects.
+def restore(ckpt: sj.checkpoint.CheckpointManager, defs, mstate, ostate, ever, train_iter, window):
+  """Restores the latest checkpoint, if any, into the run's flat states.
+
+  The arrays are read straight into the shardings of the given states (on a mesh, each
+  process reads only its shards).
 
   Args:
     ckpt: the run's checkpoint manager.
-    model: the NNX model (updated in place).
-    optimizer: the ``nnx.Optimizer`` (updated in place).
+    defs: the states' structure (``steps.StateDefs``).
+    mstate: the model's state leaves (the restore target).
+    ostate: the optimizer's state leaves.
     ever: the ever-active masks (a list of arrays).
     train_iter: the batch iterator (its position is restored).
     window: the run's :class:`~experiments.run_metrics.Window`.
 
   Returns:
-    ``(step, ever, window)`` restored, or ``(None, ever, window)`` without a checkpoint.
+    ``(step, mstate, ostate, ever, window)`` restored, or ``(None, ...)`` as given without a
+    checkpoint.
 
   Raises:
     ValueError: a checkpoint of another model (naming paths and shapes).
@@ -195,23 +200,22 @@ def restore(ckpt: sj.checkpoint.CheckpointManager, model, optimizer, ever, train
         ckpt.directory,
         ", ".join(sorted(stray)[:5]),
       )
-    return None, ever, window
+    return None, mstate, ostate, ever, window
   target = {
-    "model": nnx.state(model),
-    "optimizer": nnx.state(optimizer),
+    "model": jax.tree.unflatten(defs.model_tree, mstate),
+    "optimizer": jax.tree.unflatten(defs.optimizer_tree, ostate),
     "step": 0,
     "data_state": train_iter.get_state(),
     "ever_active": ever,
     "train_accum": window.state(),
   }
   restored, _ = ckpt.restore(target)  # raises on mismatch / corruption.
-  nnx.update(model, restored["model"])
-  nnx.update(optimizer, restored["optimizer"])
   train_iter.set_state({k: int(v) for k, v in restored["data_state"].items()})
   step = int(restored["step"])
   say(f"Resumed from checkpoint step {step} in {ckpt.directory}.")
   window = run_metrics.Window.from_state(restored["train_accum"])
-  return step, list(restored["ever_active"]), window
+  mstate, ostate = jax.tree.leaves(restored["model"]), jax.tree.leaves(restored["optimizer"])
+  return step, mstate, ostate, list(restored["ever_active"]), window
 
 
 def save(

@@ -78,14 +78,20 @@ def get_config(arg: str | None = None, *, method: str = "dense") -> ml_collectio
   config.seed = 0
 
   # Data.
-  config.dataset = "mnist1d"  # mnist1d | digits | teacher_student
+  config.dataset = "mnist1d"  # mnist1d | digits | teacher_student | cifar10 | imagenet2012
   config.data = ml_collections.ConfigDict()
   config.data.num_samples = 5000  # MNIST-1D: 4000 train / 1000 test.
   config.data.mnist1d_seed = 42  # the benchmark's fixed generation seed.
   config.data.cache_dir = ""  # "" = <workdir>/data
+  # cifar10 / imagenet2012 (experiments/input_pipeline.py): the tfds directory of TFRecord
+  # or ArrayRecord shards, the image size, grain worker processes and reader threads.
+  config.data.dir = ""
+  config.data.image_size = 224
+  config.data.num_workers = 0
+  config.data.num_threads = 8
 
   # Model.
-  config.model = "cnn1d"  # mlp | cnn1d | cnn2d
+  config.model = "cnn1d"  # mlp | cnn1d | cnn2d | resnet18_cifar | resnet50 | vit_s16
   config.model_kwargs = ml_collections.ConfigDict()
   config.model_kwargs.mlp_features = (300, 100)
   config.model_kwargs.cnn_channels = 64
@@ -98,9 +104,15 @@ def get_config(arg: str | None = None, *, method: str = "dense") -> ml_collectio
   config.momentum = 0.9
   config.nesterov = True
   config.weight_decay = 1e-4
-  config.lr_schedule = "cosine"  # constant | cosine
+  config.weight_decay_exclude = ""  # regex of param paths not decayed ("" = decay all)
+  config.lr_schedule = "cosine"  # constant | cosine | step
+  config.lr_boundaries = (0.3, 0.7, 0.9)  # "step": fractions of training
+  config.lr_decay_factor = 0.1  # "step": factor at each boundary
   config.warmup_steps = 100
-  config.batch_size = 128
+  config.label_smoothing = 0.0
+  config.grad_clip_norm = 0.0  # 0 = no clipping
+  config.batch_size = 128  # the global batch (over all devices and processes)
+  config.eval_batch_size = 0  # 0 = the whole test set in one batch
   config.num_train_steps = 4000
 
   # Dynamic sparse training.

@@ -257,18 +257,28 @@ def initial_masks(
       if leaf_plan.sparsity is None:
         masks.append(None)
       elif mode == "dense" or not src.sparsity:
-        masks.append(base.reshard_like(jnp.ones(leaf.shape, bool), leaf))
+        masks.append(_leaf_mask(_DENSE, key, leaf, 0.0))
       elif source.is_global and initial_alloc is None:
         masks.append(None)  # filled below by one global ranking of |w|
       else:
-        mask = _random_mask(
-          source.structure, jax.random.fold_in(key, i), tuple(leaf.shape), src.sparsity
-        )
-        masks.append(base.reshard_like(mask, leaf))  # Explicit meshes: shard like the param
+        masks.append(_leaf_mask(source.structure, jax.random.fold_in(key, i), leaf, src.sparsity))
     pending = [i for i, m in enumerate(masks) if m is None and plan.leaves[i].sparsity is not None]
     if pending:
-      scores = {i: jnp.abs(leaves[i]).astype(jnp.float32) for i in pending}
-      for i, mask in select_masks(alloc, plan, scores).items():
+      out_shardings = {i: _concrete_sharding(leaves[i]) for i in pending}
+
+      def select(scores):
+        return select_masks(
+          alloc, plan, {i: jnp.abs(s).astype(jnp.float32) for i, s in scores.items()}
+        )
+
+      specs = {i: base.explicit_sharding_spec(leaves[i]) for i in pending}
+      if all(s is not None for s in specs.values()):
+        # Explicit axes: the ranking flattens and concatenates, which Explicit types reject;
+        # the compiler chooses its shardings and the masks get their params'.
+        select = jax.sharding.auto_axes(select, out_sharding=specs)
+      if all(s is not None for s in out_shardings.values()):  # straight into the shardings
+        select = jax.jit(select, out_shardings=out_shardings)
+      for i, mask in select({i: leaves[i] for i in pending}).items():
         masks[i] = base.reshard_like(mask, leaves[i])
     return jax.tree.unflatten(treedef, [optax.MaskedNode() if m is None else m for m in masks])
   _, given, _ = tree.flatten_masks(spec)
@@ -282,7 +292,7 @@ def initial_masks(
   return jax.tree.unflatten(
     treedef,
     [
-      optax.MaskedNode() if m is None else base.reshard_like(jnp.asarray(m), p)
+      optax.MaskedNode() if m is None else _given_mask(m, p)
       for m, p in zip(given, leaves, strict=True)
     ],
   )
@@ -291,3 +301,90 @@ def initial_masks(
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def _random_mask(structure, key, shape, sparsity):
   return structure.random_mask(key, shape, sparsity)
+
+
+# --------------------------------------------------------------------------------------
+# Initial masks of concretely sharded params: built straight into the param's sharding.
+# --------------------------------------------------------------------------------------
+
+
+class _DenseMask:
+  """An all-ones mask (``init_masks="dense"`` and layers the source plan keeps dense)."""
+
+  def random_mask(self, key, shape, sparsity):
+    del key, sparsity
+    return jnp.ones(shape, bool)
+
+
+_DENSE = _DenseMask()
+
+
+def _concrete_sharding(leaf: Any) -> jax.sharding.NamedSharding | None:
+  """The ``NamedSharding`` of a concrete (not traced) ``jax.Array`` param, else None."""
+  if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
+    return None
+  sharding = leaf.sharding
+  return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
+
+
+def _compute_sharding(
+  sharding: jax.sharding.NamedSharding, shape: tuple[int, ...]
+) -> jax.sharding.NamedSharding:
+  """Where a mask is drawn: the param's mesh axes all on the leading dimension if possible.
+
+  The selection of an initial mask flattens it (an exact top-k over the layer); a shard that
+  is a contiguous block of the flattened array (leading-axis sharding) keeps the selection
+  sharded, whereas XLA gathers the layer for other layouts. The result is then moved to the
+  param's own sharding (an all-to-all of the bool mask).
+  """
+  axes: list[str] = []
+  for part in sharding.spec:
+    if isinstance(part, str):
+      axes.append(part)
+    elif isinstance(part, tuple):
+      axes.extend(part)
+    elif part is not None:
+      return sharding  # e.g. PartitionSpec.UNCONSTRAINED: keep the param's layout
+  size = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
+  if size == 1 or not shape or shape[0] % size:
+    return sharding
+  spec = jax.sharding.PartitionSpec(tuple(axes) if len(axes) > 1 else axes[0])
+  return jax.sharding.NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
+
+
+@functools.cache
+def sharded_mask_program(structure: Any, shape: tuple[int, ...], sparsity: float, sharding: Any):
+  """The jitted ``key -> mask`` that :func:`initial_masks` runs for a sharded param.
+
+  Its ``out_shardings`` is :func:`_compute_sharding` of the param's ``sharding``, so every
+  device draws and selects only its shard: no device ever holds the whole mask (or its
+  scores). ``structure.random_mask(key, shape, sparsity)`` is the same computation as on one
+  device (JAX's partitionable threefry), so the masks are bit-identical.
+  """
+  return jax.jit(
+    lambda key: structure.random_mask(key, shape, sparsity),
+    out_shardings=_compute_sharding(sharding, shape),
+  )
+
+
+def _leaf_mask(structure: Any, key: jax.Array, leaf: Any, sparsity: float) -> jax.Array:
+  """``structure.random_mask(key, leaf.shape, sparsity)``, placed like ``leaf``.
+
+  A concretely sharded param (``jax.device_put(params, NamedSharding(...))``, Auto or
+  Explicit axes) gets its mask built directly with its sharding; traced or single-device
+  params keep the plain path (under ``jax.jit`` the compiler places the mask).
+  """
+  shape = tuple(int(d) for d in leaf.shape)
+  sharding = _concrete_sharding(leaf)
+  if sharding is None:
+    return base.reshard_like(_random_mask(structure, key, shape, sparsity), leaf)
+  mask = sharded_mask_program(structure, shape, float(sparsity), sharding)(key)
+  return mask if mask.sharding == sharding else jax.device_put(mask, sharding)
+
+
+def _given_mask(mask: Any, leaf: Any) -> jax.Array:
+  """A user-given initial mask, placed like ``leaf`` (shard by shard when it is sharded)."""
+  sharding = _concrete_sharding(leaf)
+  if sharding is None:
+    return base.reshard_like(jnp.asarray(mask), leaf)
+  return jax.device_put(mask, sharding)
