@@ -275,12 +275,16 @@ def build_transformation(
   inner = inner_optimizer(config, schedule)
   method = METHODS[config.dst.method]
   if method.constructor is None:
+    if config.sparse_compute:
+      raise ValueError("config.sparse_compute=True needs a sparse config.dst.method, not 'dense'.")
     return inner
   keywords = _keywords(config, num_steps, init_masks)
   kwargs = {k: v for field in method.fields for k, v in keywords[field].items()}
   kwargs.update(_layer_keywords(layer_order))
   try:
-    return method.constructor(inner, **kwargs)
+    tx = method.constructor(inner, **kwargs)
+    # Truly sparse layers and kernels, same method (sparsejax.sparse, issue 14).
+    return sj.sparse.truly_sparse(tx) if config.sparse_compute else tx
   except (ValueError, TypeError) as e:
     raise type(e)(f"config.dst.method={config.dst.method!r}: {e}") from e
 
@@ -296,6 +300,8 @@ def check_allocation(
     ValueError / TypeError: the library's error (e.g. a block shape that does not tile a
       kernel), prefixed with the ``config.dst`` fields that shape the allocation.
   """
+  if isinstance(tx, sj.sparse.SparseDST):  # config.sparse_compute: the masked twin's plan
+    tx = tx.masked
   if not isinstance(tx, sj.SparseTransformation):
     return
   try:

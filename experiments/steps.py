@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import sparsejax as sj
-from experiments import parallel
+from experiments import parallel, sparse_steps
 
 
 class StateDefs(NamedTuple):
@@ -43,6 +43,7 @@ class StateDefs(NamedTuple):
   optimizer_tree: Any
   sparse: bool  # the optimizer is a sparsejax transformation
   label_smoothing: float = 0.0
+  compute: bool = False  # truly sparse layers (config.sparse_compute): experiments/sparse_steps.py
 
   def merge(self, mstate: Sequence[jax.Array], ostate: Sequence[jax.Array]):
     """The model and optimizer of the flat states."""
@@ -100,6 +101,8 @@ def train_step(defs: StateDefs, mstate, ostate, ever, x, y):
     ``correct`` predictions and ``grown_nnz`` (``[layers, 2]``: per sparse layer, weights
     that became active in this step, and the active weights before it).
   """
+  if defs.compute:
+    return sparse_steps.train_step(defs, mstate, ostate, ever, x, y)
   model, optimizer = defs.merge(mstate, ostate)
   old = sparse_masks(optimizer, defs.sparse)
   grad_fn = nnx.value_and_grad(_loss_and_logits, has_aux=True)
@@ -135,12 +138,17 @@ def eval_step(defs: StateDefs, mstate, ostate, x, y, weight):
 
 def current_masks(defs: StateDefs, mstate, ostate) -> list[jax.Array]:
   """The sparse layers' current masks."""
-  return sparse_masks(defs.merge(mstate, ostate)[1], defs.sparse)
+  model, optimizer = defs.merge(mstate, ostate)
+  if defs.compute:
+    return [m for _, m in sparse_steps.layers(model)]
+  return sparse_masks(optimizer, defs.sparse)
 
 
 def forward_weights(defs: StateDefs, mstate, ostate) -> list[jax.Array]:
   """The param leaves the forward pass uses."""
   model, optimizer = defs.merge(mstate, ostate)
+  if defs.compute:
+    return [w for _, w in sparse_steps.weights(model)]
   return jax.tree.leaves(nnx.state(forward_model(model, optimizer, defs.sparse), nnx.Param))
 
 
@@ -152,6 +160,7 @@ class StepFns(NamedTuple):
   masks: Any
   weights: Any
   fetch: Any = jax.device_get
+  topology: Any = None  # truly sparse runs: the step of scheduled mask updates
 
 
 # --------------------------------------------------------------------------------------
@@ -169,6 +178,8 @@ def timer(name: str):
 
 def _build(create, tx: optax.GradientTransformation, sparse: bool):
   """Model, optimizer and ever-active masks; the model starts sparse."""
+  if isinstance(tx, sj.sparse.SparseDST):
+    return sparse_steps.build(create, tx)
   model = create()
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   if sparse:  # start sparse (a no-op for methods that keep dense weights, e.g. SR-STE).
@@ -213,16 +224,21 @@ def initialize(config, create, tx: optax.GradientTransformation, sparse: bool, m
   program with ``out_shardings`` creates the model, the optimizer (DST masks included) and
   the ever-active masks where they live, so each device allocates only its shards.
   """
+  compute = isinstance(tx, sj.sparse.SparseDST)
+  if compute and mesh is not None:
+    raise ValueError("config.sparse_compute=True runs on one device (no config.mesh).")
   model, optimizer, _ = nnx.eval_shape(lambda: _build(create, tx, sparse))
   mdef, mtree = nnx.split(model)
   odef, otree = nnx.split(optimizer)
   smoothing = float(config.get("label_smoothing", 0.0))
   defs = StateDefs(
-    mdef, jax.tree.structure(mtree), odef, jax.tree.structure(otree), sparse, smoothing
+    mdef, jax.tree.structure(mtree), odef, jax.tree.structure(otree), sparse, smoothing, compute
   )
   mask_paths = [p for p, _ in sparse_layers(optimizer, sparse)]
   params = nnx.state(model, nnx.Param)
   param_paths = tuple(p for p, _ in sj.metrics.sparse_leaves(params))
+  if compute:
+    mask_paths, param_paths = sparse_steps.paths(model)
   num_params = int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
 
   def init():
@@ -252,7 +268,11 @@ def jit_steps(state: State, mesh) -> StepFns:
   }
   if mesh is None:
     train_jit = jax.jit(train, donate_argnums=(0, 1, 2))
-    return StepFns(train_jit, *(jax.jit(f) for f in readers.values()))
+    topology = None
+    if defs.compute:
+      step = functools.partial(sparse_steps.topology_step, defs)
+      topology = jax.jit(step, donate_argnums=(0, 1, 2))
+    return StepFns(train_jit, *(jax.jit(f) for f in readers.values()), topology=topology)
   # Params, masks and moments sharded like their params, counters replicated, the batch
   # split over data x fsdp; jit's in/out shardings keep every step on that layout.
   m_sh, o_sh, ever_sh = state.shardings

@@ -161,7 +161,7 @@ def setup(config: ml_collections.ConfigDict, ds, train_iter, ckpt, workdir: str,
     positions=positions,
     drop_fraction=schedule.drop_fraction,
     target_sparsity=schedule.target_sparsity,
-    sparse=sparse,
+    sparse=sparse or init.defs.compute,
     topology_path=os.path.join(workdir, "topology.jsonl") if distributed.is_primary() else "",
     fetch=fns.fetch,
   )
@@ -305,8 +305,9 @@ def train_and_evaluate(
     scheduled = bool(run.schedule.updates[state.step])
     x, y = run.place(next(train_iter))
     section = "mask_update" if scheduled else "train_step"
+    step_fn = run.fns.topology if scheduled and run.fns.topology else run.fns.train
     with progress.timed(section, first_call_compiles=not scheduled):
-      state.mstate, state.ostate, state.ever, out = run.fns.train(
+      state.mstate, state.ostate, state.ever, out = step_fn(
         state.mstate, state.ostate, state.ever, x, y
       )
       if scheduled:

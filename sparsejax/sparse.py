@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # the Flax layers and steps load lazily (see __getattr__ belo
   from sparsejax._src.integration.sparse_layers import sparsify as sparsify
   from sparsejax._src.integration.sparse_trainer import SparseTrainStep as SparseTrainStep
   from sparsejax._src.integration.sparse_trainer import dense_kernels as dense_kernels
+  from sparsejax._src.integration.sparse_trainer import dense_view as dense_view
   from sparsejax._src.integration.sparse_trainer import layer_topologies as layer_topologies
   from sparsejax._src.integration.sparse_trainer import linen_topologies as linen_topologies
   from sparsejax._src.integration.sparse_trainer import linen_update as linen_update
@@ -76,6 +77,7 @@ _FLAX = {
   "sparsify": "sparse_layers",
   "SparseTrainStep": "sparse_trainer",
   "dense_kernels": "sparse_trainer",
+  "dense_view": "sparse_trainer",
   "layer_topologies": "sparse_trainer",
   "linen_topologies": "sparse_trainer",
   "linen_update": "sparse_trainer",

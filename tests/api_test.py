@@ -91,6 +91,7 @@ NAMESPACES = {
     "TopologyUpdate",
     "XLA_OPS",
     "dense_kernels",
+    "dense_view",
     "dynamic_sparse",
     "layer_capacity",
     "layer_topologies",

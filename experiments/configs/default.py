@@ -42,6 +42,10 @@ The ``config.dst`` vocabulary (ECOSYSTEM.md §1 row 4):
 * ``regrow_end_fraction``: ``granet`` keeps regrowing (sparsity held) until
   ``regrow_end_fraction · num_train_steps`` (0: regrowth stops with the pruning).
 
+``config.sparse_compute=True`` trains the same run with truly sparse layers
+(``sparsejax.sparse``: values + CSR topology, native CPU kernels, a separate topology step on
+mask updates) instead of masked dense ones; the records have the same keys.
+
 ``config.mesh`` (``data``, ``fsdp``, ``model`` axis sizes, ``min_shard_size``) runs the same
 experiment on a device mesh, e.g. 8 fake CPU devices::
 
@@ -138,6 +142,10 @@ def get_config(arg: str | None = None, *, method: str = "dense") -> ml_collectio
   config.dst.initial_sparsity = 0.0  # gmp / granet
   config.dst.power = 3.0  # gmp / granet
   config.dst.regrow_end_fraction = 0.0  # granet (0 = end_fraction)
+  # Truly sparse compute (sparsejax.sparse): the masked layers store and compute only their
+  # active weights (native CPU kernels), same method and trajectory; constant-nnz methods
+  # (static, set, rigl, srigl), Dense and Conv layers, one device.
+  config.sparse_compute = False
 
   # Devices: a ("data", "fsdp", "model") mesh of Auto axes (experiments/parallel.py).
   # 1, 1, 1 = one device; one size may be -1 (all remaining devices); at most two sizes > 1.

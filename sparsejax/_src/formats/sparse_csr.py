@@ -172,6 +172,18 @@ class SparseCSR:
     return cls(jnp.asarray(values), topo)
 
   @classmethod
+  def from_mask(cls, kernel: jax.Array, mask: jax.Array, capacity: int) -> SparseCSR:
+    """Traceable :meth:`from_dense` (inside ``jit``/``eval_shape``): no checks on values.
+
+    Args:
+      kernel: ``[..., in, out]`` floating kernel.
+      mask: bool, same shape, at most ``capacity`` True (extra entries are dropped).
+      capacity: number of slots (static).
+    """
+    topo, _ = topo_lib.topology_from_mask(mask, int(capacity), tuple(kernel.shape))
+    return cls(topo_lib.gather_slots(kernel, topo), topo)
+
+  @classmethod
   def from_condensed(cls, condensed: Condensed, *, capacity: int | None = None) -> SparseCSR:
     """From the condensed inference format (:func:`sparsejax.condense`)."""
     dense = np.zeros((condensed.in_features, condensed.out_features), np.float32)

@@ -32,7 +32,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -80,6 +79,15 @@ def probing(probes: Mapping[Any, jax.Array]) -> Iterator[None]:
 def _probe_for(key: Any) -> jax.Array | None:
   table = getattr(_probes, "table", None)
   return None if table is None else table.get(key)
+
+
+def _csr(kernel, mask, capacity: int | None) -> sparse_csr.SparseCSR:
+  """The layer's CSR: checked on the host when concrete, traceable under jit/eval_shape."""
+  if isinstance(kernel, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
+    if capacity is None:
+      raise ValueError("building a sparse layer under jit needs a static `capacity`.")
+    return sparse_csr.SparseCSR.from_mask(kernel, jnp.asarray(mask, bool), capacity)
+  return sparse_csr.SparseCSR.from_dense(kernel, mask, capacity=capacity)
 
 
 class SparseTopologyVar(nnx.Variable):
@@ -183,8 +191,9 @@ class SparseLinear(_SparseNNX):
   def from_dense(
     cls, kernel, mask, bias=None, *, capacity: int | None = None, method: Method = "auto"
   ) -> SparseLinear:
-    """From a dense ``[in, out]`` kernel, its mask and an optional bias."""
-    csr = sparse_csr.SparseCSR.from_dense(kernel, mask, capacity=capacity)
+    """From a dense ``[in, out]`` kernel, its mask and an optional bias (traceable with a
+    static ``capacity``)."""
+    csr = _csr(kernel, mask, capacity)
     return cls(*csr.kernel_shape, csr=csr, bias=bias, method=method)
 
   @classmethod
@@ -264,7 +273,7 @@ class SparseConv(_SparseNNX):
         f"{conv.feature_group_count}, {conv.input_dilation})."
       )
     bias = None if conv.bias is None else conv.bias[...]
-    csr = sparse_csr.SparseCSR.from_dense(conv.kernel[...], mask, capacity=capacity)
+    csr = _csr(conv.kernel[...], mask, capacity)
     return cls(
       csr,
       bias,
@@ -311,7 +320,8 @@ def sparsify(model: nnx.Module, tx: sparse_dst.SparseDST, *, method: Method = "a
 
   The masks are the masked twin's initial masks (``tx.masked.init``: same allocation,
   seed and ``init_masks``) and the values the twin's starting weights (``kernel · mask``),
-  so the truly sparse model starts exactly where the masked one does.
+  so the truly sparse model starts exactly where the masked one does. Traceable (e.g.
+  inside ``nnx.jit`` or ``nnx.eval_shape``); eagerly, the masks are checked on the host.
 
   Args:
     model: an NNX model with ``nnx.Linear`` / ``nnx.Conv`` layers (left unchanged).
@@ -345,7 +355,6 @@ def sparsify(model: nnx.Module, tx: sparse_dst.SparseDST, *, method: Method = "a
     capacity = sparse_dst.layer_capacity(
       tx.config.allocation.structure, leaf.shape, leaf.sparsity, kpath, leaf.layer
     )
-    mask = np.asarray(mask)
     if isinstance(node, nnx.Linear):
       new = SparseLinear.from_linear(node, mask, capacity=capacity, method=method)
     else:

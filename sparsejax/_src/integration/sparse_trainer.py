@@ -37,6 +37,7 @@ from sparsejax._src.transforms.sparse_topology import CSRTopology
 __all__ = [
   "SparseTrainStep",
   "dense_kernels",
+  "dense_view",
   "layer_topologies",
   "linen_topologies",
   "linen_update",
@@ -68,6 +69,28 @@ def dense_kernels(model: nnx.Module) -> dict[str, tuple[jax.Array, jax.Array]]:
     csr = layer.csr()
     out[f"{p}/kernel"] = (csr.to_dense(), csr.mask())
   return out
+
+
+def dense_view(model: nnx.Module) -> tuple[dict, dict]:
+  """The masked twin's view of a model with sparse layers (e.g. for metrics and records).
+
+  Returns:
+    ``(params, masks)``: nested dicts of the model's params in which every sparse layer's
+    ``values`` is replaced by its dense ``kernel``, and the masks tree of
+    :func:`sparsejax.get_masks` (bool masks at the sparse kernels, ``optax.MaskedNode()``
+    at every other leaf). Traceable; each sparse layer costs one dense scatter.
+  """
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  masks = jax.tree.map(lambda _: optax.MaskedNode(), params)
+  for p, layer in sparse_layers.sparse_modules(model):
+    keys = [int(k) if k.isdigit() else k for k in p.split("/")] if p else []
+    node_p, node_m = params, masks
+    for k in keys:
+      node_p, node_m = node_p[k], node_m[k]
+    csr = layer.csr()
+    del node_p["values"], node_m["values"]
+    node_p["kernel"], node_m["kernel"] = csr.to_dense(), csr.mask()
+  return params, masks
 
 
 def regular_update(loss_fn: Callable, model, optimizer, *args, has_aux: bool = False):
