@@ -15,6 +15,9 @@ _VERSION = re.search(
 
 _EXPERIMENTS = ["mnist1d>=0.0.2", "scikit-learn>=1.3", "matplotlib>=3.7"]
 _NOTEBOOKS = ["jupyter-client>=8", "ipykernel>=6", "matplotlib>=3.7", "nbformat>=5"]
+# Published setups at scale (experiments/input_pipeline.py): grain reads tfds TFRecord /
+# ArrayRecord shards (it brings array-record), Pillow decodes the images.
+_SCALE = ["grain>=0.2.18", "pillow>=10"]
 _TEST = ["pytest>=8", "pytest-xdist>=3", "nbmake>=1.5", "ruff>=0.6", "hypothesis>=6.100"]
 
 
@@ -95,10 +98,11 @@ setup(
   ],
   extras_require={
     "experiments": _EXPERIMENTS,
+    "scale": _EXPERIMENTS + _SCALE,
     "notebooks": _NOTEBOOKS,
     "tensorboard": ["tensorboardX>=2.6"],
-    "test": sorted(set(_TEST + _EXPERIMENTS + _NOTEBOOKS)),
-    "all": sorted(set(_EXPERIMENTS + _NOTEBOOKS + _TEST + ["tensorboardX>=2.6"])),
+    "test": sorted(set(_TEST + _EXPERIMENTS + _NOTEBOOKS + _SCALE)),
+    "all": sorted(set(_EXPERIMENTS + _NOTEBOOKS + _TEST + _SCALE + ["tensorboardX>=2.6"])),
   },
   classifiers=[
     "Programming Language :: Python :: 3.11",

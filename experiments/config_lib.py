@@ -224,13 +224,13 @@ def validate_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   _check_structure(c.dst)
   _check_method_fields(c.dst)
   mesh_sizes = parallel.mesh_shape(c.mesh, jax.device_count())
+  parallel.check_processes(c, mesh_sizes)
   batch_shards = mesh_sizes["data"] * mesh_sizes["fsdp"]
   if int(c.batch_size) % batch_shards:
     raise ValueError(
       f"config.batch_size={c.batch_size} must be divisible by config.mesh.data * "
       f"config.mesh.fsdp = {batch_shards} (the batch is split over both axes)."
     )
-  parallel.check_processes(c, mesh_sizes)
   _check_scale_fields(c)
   if isinstance(c.extra_imports, str):
     raise ValueError(

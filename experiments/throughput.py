@@ -10,8 +10,9 @@ sparsity would cost (reported for reference, as RigL's "FLOPs" columns). Mask up
 (every ``update_every`` steps) and the optimizer are ignored.
 
 Expected step time = dense FLOPs per step / (devices × peak FLOP/s per device × MFU), with
-the peak dense bf16 FLOP/s of the accelerator (vendor figures) and an assumed model FLOPs
-utilisation (default 0.4; measure yours with ``perf/steps_per_sec`` in ``metrics.jsonl``).
+the accelerator's peak for float32 models (:data:`ACCELERATORS`) and an assumed model FLOPs
+utilisation (default 0.4, optimistic for ResNets, whose batch norms and input pipeline
+usually hold them nearer 0.25; measure yours: ``perf/steps_per_sec`` in ``metrics.jsonl``).
 
   python -m experiments.throughput --config experiments/configs/resnet50_imagenet.py \
       --devices 64 --accelerator tpu_v4
@@ -31,16 +32,19 @@ from ml_collections import config_flags
 import sparsejax as sj
 from experiments import builders, config_lib, input_pipeline
 
-#: Peak dense bf16 FLOP/s per device (NVIDIA and Google Cloud datasheets).
+#: Peak dense FLOP/s per device for the experiments' float32 models: TF32 tensor cores on
+#: NVIDIA GPUs (JAX's default matmul precision there), bf16 passes on TPUs (the MXU's default
+#: for float32). NVIDIA and Google Cloud datasheet figures, without structured sparsity.
 ACCELERATORS = {
-  "a100": 312e12,
-  "h100": 989e12,
-  "h200": 989e12,
+  "a100": 156e12,
+  "h100": 495e12,
+  "h200": 495e12,
   "tpu_v4": 275e12,
   "tpu_v5e": 197e12,
   "tpu_v5p": 459e12,
   "tpu_v6e": 918e12,
 }
+
 
 #: Per-example input shape and classes of the in-memory datasets.
 _IN_MEMORY = {"mnist1d": ((40,), 10), "digits": ((8, 8), 10), "teacher_student": ((32,), 10)}

@@ -13,9 +13,11 @@ What a run does:
    unknown fields and bad values are errors naming the field and the allowed values) and
    imports ``config.extra_imports`` (so a module that calls
    ``sparsejax.register_criterion`` can provide ``config.dst.grow``);
-2. builds the data (offline), the NNX model and ``nnx.Optimizer(model, tx, wrt=nnx.Param)``
-   where ``tx`` is the transformation of ``config.dst.method``
-   (:data:`experiments.builders.METHODS`), and starts sparse (``sparsejax.apply_masks``);
+2. builds the data (offline, or tfds records from ``config.data.dir``; each process loads
+   only its rows of every global batch), the NNX model and ``nnx.Optimizer(model, tx,
+   wrt=nnx.Param)`` where ``tx`` is the transformation of ``config.dst.method``
+   (:data:`experiments.builders.METHODS`), created directly into the mesh's shardings
+   (:func:`experiments.steps.initialize`), and starts sparse (``sparsejax.apply_masks``);
 3. resumes from the latest checkpoint in ``<workdir>/checkpoints`` if there is one
    (:mod:`experiments.workdir`: a checkpoint of another model is refused with a
    ``ValueError``; a corrupt one raises, never a silent fresh start; a config that differs
@@ -23,7 +25,8 @@ What a run does:
 4. trains with a jitted :func:`train_step` that compiles once, writing metrics to the log
    and to ``<workdir>/metrics.jsonl``, a progress line, checkpoints, and plots in
    ``<workdir>/plots/`` at the end; prints the final test accuracy and returns the final
-   metrics.
+   metrics. In a multi-process run (:mod:`experiments.distributed`) process 0 writes the
+   files and every process its shards of the checkpoints.
 
 ``metrics.jsonl`` keys (one JSON object per line, always with ``step`` = number of completed
 optimizer steps):

@@ -40,7 +40,7 @@ LEAVES = {
   "wide/bias": ((512,), P()),
   "out_sharded/kernel": ((1024, 512), P(None, "fsdp")),
   "both/kernel": ((1024, 512), P("fsdp", "data")),
-  "conv/kernel": ((3, 3, 64, 128), P(None, None, "fsdp", None)),
+  "conv/kernel": ((3, 3, 256, 256), P(None, None, "fsdp", None)),
   "head/kernel": ((512, 16), P()),
 }
 METHODS = {

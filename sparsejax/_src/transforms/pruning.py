@@ -330,12 +330,14 @@ def _concrete_sharding(leaf: Any) -> jax.sharding.NamedSharding | None:
 def _compute_sharding(
   sharding: jax.sharding.NamedSharding, shape: tuple[int, ...]
 ) -> jax.sharding.NamedSharding:
-  """Where a mask is drawn: the param's mesh axes all on the leading dimension if possible.
+  """Where a mask is drawn: the param's mesh axes all on its last dimension if possible.
 
-  The selection of an initial mask flattens it (an exact top-k over the layer); a shard that
-  is a contiguous block of the flattened array (leading-axis sharding) keeps the selection
-  sharded, whereas XLA gathers the layer for other layouts. The result is then moved to the
-  param's own sharding (an all-to-all of the bool mask).
+  The selections behind an initial mask (``selection.topk_mask``) work on a ``[rows, last
+  axis]`` view of the kernel and visit the rows in chunks (a ``fori_loop`` of dynamic row
+  slices). A shard made of whole columns keeps every chunk local and the selection sharded
+  (one all-reduce of a count histogram per pass), whereas XLA gathers a layer sharded along
+  its rows. The mask is then moved to the param's own sharding (an all-to-all of the bool
+  mask, shard by shard).
   """
   axes: list[str] = []
   for part in sharding.spec:
@@ -346,9 +348,10 @@ def _compute_sharding(
     elif part is not None:
       return sharding  # e.g. PartitionSpec.UNCONSTRAINED: keep the param's layout
   size = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
-  if size == 1 or not shape or shape[0] % size:
+  if size == 1 or not shape or shape[-1] % size:
     return sharding
-  spec = jax.sharding.PartitionSpec(tuple(axes) if len(axes) > 1 else axes[0])
+  names = tuple(axes) if len(axes) > 1 else axes[0]
+  spec = jax.sharding.PartitionSpec(*([None] * (len(shape) - 1)), names)
   return jax.sharding.NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
 
 
