@@ -1,4 +1,4 @@
-"""Exact top-k selection primitives (pure, per array, jit-safe).
+r"""Exact top-k selection primitives (pure, per array, jit-safe).
 
 All selections are *exact*: they select precisely ``k`` entries (or all candidates when
 fewer exist), with ties broken by the lowest index along the selection axis. ``k`` may be a
@@ -15,12 +15,12 @@ never a sort. The strategy is chosen statically from the shapes:
   16 bins per slice) find the k-th largest key exactly;
 * otherwise: a 32-step bitwise binary search of counting passes.
 
-Ties at the threshold are broken by index with a second radix select, on the entries'
-indices (the lowest indices among the tied entries win), only when ties straddle the
-threshold (``lax.cond``). Large arrays are processed in row chunks of about 64K entries
-(a ``fori_loop`` of histogram scatter-adds), so a selection's temporaries stay a few
-hundred KiB whatever the layer size: no full copy of the keys, bins or a cumulative sum
-is materialised. Cost is O(n) per selection with no ``n log n`` sort, which is what makes
+Ties at the threshold are broken by index: the pass that writes the mask ranks the tied
+entries with a running count (the lowest indices win). Large arrays are processed in row
+chunks of about 64K entries (``fori_loop``\ s of histogram scatter-adds, then of mask
+writes), so a selection's temporaries stay a few hundred KiB whatever the layer size: no
+full copy of the keys, bins or a cumulative sum is materialised, and the program holds one
+radix-pass body and one write body per selection. Cost is O(n) per selection with no ``n log n`` sort, which is what makes
 mask updates of 4096² layers cheap (see ``benchmarks/mask_update.py``).
 """
 
@@ -193,56 +193,52 @@ def _select_2d(
   scores: jax.Array, k: jax.Array, candidates: jax.Array | None, *, per_column: bool
 ) -> jax.Array:
   """Top-``k`` of ``[L, G]`` scores: per column (``k`` is ``[1, G]``) or over the whole
-  array (``per_column=False``, ``k`` is ``[1, 1]``, ties by row-major flat index)."""
+  array (``per_column=False``, ``k`` is ``[1, 1]``, ties by row-major flat index).
+
+  Two loops over row chunks: the radix passes find each group's threshold key, then one
+  pass writes the mask, ranking the entries tied at the threshold by index with a running
+  count (so ties need no extra radix passes and no full-size cumulative sum).
+  """
   n_rows, n_cols = scores.shape
   rows = _chunk_rows(n_rows, n_cols)
   n_chunks = n_rows // rows
 
-  def score_keys(x, cands):
-    keys = _ordered_keys(x)
-    # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF), and are
-    # never counted: every threshold found below is >= 1 whenever k >= 1.
-    return keys if cands is None else jnp.where(cands, keys, jnp.uint32(0))
-
   def chunk(i):
     if n_chunks == 1:
-      return score_keys(scores, candidates)
-    cands = None if candidates is None else lax.dynamic_slice_in_dim(candidates, i * rows, rows)
-    return score_keys(lax.dynamic_slice_in_dim(scores, i * rows, rows), cands)
+      x, cands = scores, candidates
+    else:
+      x = lax.dynamic_slice_in_dim(scores, i * rows, rows)
+      cands = None if candidates is None else lax.dynamic_slice_in_dim(candidates, i * rows, rows)
+    keys = _ordered_keys(x)
+    # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF), and are
+    # never counted: every threshold found is >= 1 whenever k >= 1.
+    return keys if cands is None else jnp.where(cands, keys, jnp.uint32(0))
 
-  threshold, n_above, n_at = _radix_threshold(chunk, n_chunks, k, per_column)
-  need = k - n_above
+  threshold, n_above, _ = _radix_threshold(chunk, n_chunks, k, per_column)
+  need = k - n_above  # how many of the entries tied at the threshold are selected
+  tie_valid = (threshold != 0) & (k >= 1)
 
-  def above_and_at():
-    # One elementwise pass from the scores: the keys are never materialised.
-    keys = score_keys(scores, candidates)
-    return keys > threshold, (keys == threshold) & (threshold != 0) & (k >= 1)
+  def write(i, carry):
+    out, seen = carry
+    keys = chunk(i)
+    tied = (keys == threshold) & tie_valid
+    t = tied.astype(jnp.int32)
+    if per_column:  # index order along the column: rows
+      rank = seen + jnp.cumsum(t, axis=0)
+      seen = seen + jnp.sum(t, axis=0, keepdims=True)
+    else:  # row-major flat order: rows, then columns within a row
+      in_row = jnp.cumsum(t, axis=1)
+      before_row = jnp.cumsum(in_row[:, -1:], axis=0) - in_row[:, -1:]
+      rank = seen + before_row + in_row
+      seen = seen + jnp.sum(t, keepdims=True)
+    selected = (keys > threshold) | (tied & (rank <= need))
+    if n_chunks == 1:
+      return selected, seen
+    return lax.dynamic_update_slice_in_dim(out, selected, i * rows, 0), seen
 
-  def order_key(first_row, shape):
-    # Distinct per group, larger for lower indices: n - index (index = row, or flat index).
-    row = first_row + lax.broadcasted_iota(jnp.int32, shape, 0)
-    if per_column:
-      return (n_rows - row).astype(jnp.uint32)
-    flat = row * n_cols + lax.broadcasted_iota(jnp.int32, shape, 1)
-    return (n_rows * n_cols - flat).astype(jnp.uint32)
-
-  def break_ties():
-    # Among the tied entries, the `need` lowest indices: a radix select on order keys,
-    # no cumulative sum.
-    def tie_chunk(i):
-      keys_i = chunk(i)
-      tied = (keys_i == threshold) & (threshold != 0) & (k >= 1)
-      return jnp.where(tied, order_key(i * rows, keys_i.shape), jnp.uint32(0))
-
-    cut, _, _ = _radix_threshold(tie_chunk, n_chunks, need, per_column)
-    above, at = above_and_at()
-    return above | (at & (order_key(0, scores.shape) >= cut))
-
-  def all_ties():
-    above, at = above_and_at()
-    return above | at
-
-  return lax.cond(jnp.all(n_at <= need), all_ties, break_ties)
+  init = (jnp.zeros(scores.shape, bool), jnp.zeros(k.shape, jnp.int32))
+  out, _ = _for_chunks(n_chunks, write, init)
+  return out
 
 
 def _radix_threshold(chunk: Callable, n_chunks: int, k: jax.Array, per_column: bool):
@@ -266,23 +262,22 @@ def _threshold_by_histogram(
 ):
   """Radix select with ``width``-bit histogram passes (``32 // width`` scatter-adds).
 
-  The first pass (which also counts the candidates) is traced once, the remaining ones
-  run in a ``fori_loop`` over the digit position, so the program holds two pass bodies
-  whatever the number of passes (compile time and compile memory).
+  All passes run in one ``fori_loop`` over the digit position (the first also counts the
+  candidates), so the program holds one pass body whatever the digit width.
   """
   n_groups = k.shape[-1]
   n_bins = 1 << width
-  n_passes = 32 // width
 
-  def histogram(shift, prefix, first: bool):
+  def one_pass(d, carry):
+    prefix, need, total, _ = carry
+    first = d == 0
+    shift = (jnp.uint32(32) - jnp.uint32(width) * (d + 1).astype(jnp.uint32)).astype(jnp.uint32)
+    high = shift + jnp.uint32(width)  # 32 on the first pass: unused there
+
     def add_chunk(i, hist):
       keys = chunk(i)
       digit = (keys >> shift) & jnp.uint32(n_bins - 1)
-      if first:
-        match = keys != 0
-      else:
-        high = shift + jnp.uint32(width)
-        match = (keys >> high) == (prefix >> high)
+      match = jnp.where(first, keys != 0, (keys >> high) == (prefix >> high))
       bins = digit.astype(jnp.int32)
       if per_column:
         bins = lax.broadcasted_iota(jnp.int32, keys.shape, 1) * n_bins + bins
@@ -291,32 +286,20 @@ def _threshold_by_histogram(
       )
 
     hist = _for_chunks(n_chunks, add_chunk, jnp.zeros((n_groups * n_bins,), jnp.int32))
-    return hist.reshape(1, n_groups, n_bins)
-
-  def refine(hist, shift, prefix, need):
+    hist = hist.reshape(1, n_groups, n_bins)
+    total = jnp.where(first, jnp.sum(hist, axis=-1), total)
+    need = jnp.where(first, jnp.clip(need, 0, total), need)
     # at_least[v] = count(digit >= v) among matching entries (non-increasing in v).
     at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)
     v = jnp.maximum(jnp.sum(at_least >= need[..., None], axis=-1, dtype=jnp.int32) - 1, 0)
     next_v = jnp.minimum(v + 1, n_bins - 1)[..., None]
     above_v = jnp.where(v < n_bins - 1, jnp.take_along_axis(at_least, next_v, -1)[..., 0], 0)
     n_at = jnp.take_along_axis(hist, v[..., None], -1)[..., 0]
-    return prefix | (v.astype(jnp.uint32) << shift), need - above_v, n_at
+    return prefix | (v.astype(jnp.uint32) << shift), need - above_v, total, n_at
 
-  first_shift = jnp.uint32(32 - width)
-  hist = histogram(first_shift, None, first=True)
-  total = jnp.sum(hist, axis=-1)
-  need = jnp.clip(k, 0, total)
-  prefix, need, n_at = refine(hist, first_shift, jnp.zeros(k.shape, jnp.uint32), need)
-
-  def next_pass(d, carry):
-    prefix, need, _ = carry
-    shift = (jnp.uint32(32) - jnp.uint32(width) * (d + 1).astype(jnp.uint32)).astype(jnp.uint32)
-    return refine(histogram(shift, prefix, first=False), shift, prefix, need)
-
-  if n_passes == 2:
-    prefix, need, n_at = next_pass(jnp.int32(1), (prefix, need, n_at))
-  else:
-    prefix, need, n_at = lax.fori_loop(1, n_passes, next_pass, (prefix, need, n_at))
+  zeros = jnp.zeros(k.shape, jnp.int32)
+  init = (jnp.zeros(k.shape, jnp.uint32), k, zeros, zeros)
+  prefix, need, total, n_at = lax.fori_loop(0, 32 // width, one_pass, init)
   valid = (k >= 1) & (total >= k)
   # k <= 0: nothing is above the largest key; k > total: every candidate is above 0.
   threshold = jnp.where(valid, prefix, jnp.where(k >= 1, jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
