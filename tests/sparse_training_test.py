@@ -5,6 +5,7 @@ DST on sparse layers against its masked-dense twin (same masks, params within fp
 over several mask updates) for RigL, SET and SRigL.
 """
 
+import importlib
 import os
 import pathlib
 import re
@@ -542,3 +543,61 @@ def test_benchmark_smoke_prints_table_and_headline():
   assert re.fullmatch(
     r"headline: 256 MLP B=32 90% sparse/dense \d+\.\d\dx; 99% sparse/masked \d+\.\d\dx", lines[-1]
   )
+
+
+# ---------------------------------------------------------------------------------------
+# experiments: config.sparse_compute.
+# ---------------------------------------------------------------------------------------
+
+
+def _smoke_config(module: str):
+  return importlib.import_module(f"experiments.configs.{module}").get_config("smoke")
+
+
+def _experiment(module: str, workdir, sparse_compute: bool, steps: int):
+  from experiments import train  # pylint: disable=g-import-not-at-top
+
+  config = _smoke_config(module)
+  config.num_train_steps, config.eval_every_steps = steps, steps
+  config.sparse_compute = sparse_compute
+  result = train.train_and_evaluate(config, str(workdir))
+  records = [
+    {k: v for k, v in r.items() if not k.startswith("perf/")}
+    for r in sj.metrics.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+  ]
+  return result, [r for r in records if set(r) != {"step"}]
+
+
+@pytest.mark.parametrize(
+  "module",
+  [
+    "rigl",
+    pytest.param("srigl", marks=pytest.mark.slow),
+    pytest.param("set", marks=pytest.mark.slow),
+  ],
+)
+def test_experiments_sparse_compute_follows_the_masked_run(module, tmp_path):
+  steps = 110  # two mask updates (steps 50 and 100 of the smoke schedule)
+  masked, m_records = _experiment(module, tmp_path / "masked", False, steps)
+  sparse, s_records = _experiment(module, tmp_path / "sparse", True, steps)
+  assert sparse["train_step_compiles"] == 1 and sparse["step"] == steps
+  assert [sorted(r) for r in s_records] == [sorted(r) for r in m_records]  # the same records
+  for a, b in zip(s_records, m_records, strict=True):
+    for key in a:
+      if key.startswith(("sparsity/", "nnz/", "dst/", "fan_in/", "active_neurons/")):
+        assert a[key] == pytest.approx(b[key], abs=1e-6), key  # the same masks at every update
+  assert sparse["test_accuracy"] == pytest.approx(masked["test_accuracy"], abs=0.01)
+  assert sparse["test_loss"] == pytest.approx(masked["test_loss"], rel=1e-3)
+
+
+def test_experiments_sparse_compute_errors(tmp_path):
+  from experiments import train  # pylint: disable=g-import-not-at-top
+
+  config = _smoke_config("default")
+  config.sparse_compute = True
+  with pytest.raises(ValueError, match="needs a sparse config.dst.method"):
+    train.train_and_evaluate(config, str(tmp_path / "dense"))
+  config = _smoke_config("gmp")
+  config.sparse_compute = True
+  with pytest.raises(ValueError, match="sparsity schedule"):
+    train.train_and_evaluate(config, str(tmp_path / "gmp"))
