@@ -72,7 +72,9 @@ class Variant:
 
 VARIANTS: tuple[Variant, ...] = (
   Variant("", "RigL (unstructured)", "rigl", baseline=None),
-  Variant("base", "SRigL, γ_sal = 0.3 of the sparse fan-in (issue 16's setup)", "srigl"),
+  Variant(
+    "base", "SRigL, γ_sal = 0.3 of the sparse fan-in, ERK, all layers sparse (issue 16)", "srigl"
+  ),
   Variant(
     "noabl", "SRigL w/o ablation (RigL + constant fan-in)", "rigl", (("dst.structure", "fan_in"),)
   ),
@@ -106,9 +108,44 @@ def _run(v: Variant, seed: int) -> Run:
   return Run(v.config_file, "", v.config_file, SPARSITY, seed, v.overrides, v.tag)
 
 
+#: Sparsities at which issue 16's SRigL setup is compared with ``configs/srigl.py``.
+DEFAULTS_SPARSITIES = (0.8, 0.9, 0.95)
+
+
+def _base_run(sparsity: float, seed: int) -> Run:
+  base = VARIANTS[1]
+  return Run("srigl", "", "srigl", sparsity, seed, base.overrides, base.tag)
+
+
 def plan(seeds: Sequence[int]) -> list[Run]:
-  """Every run of the study (the baseline table's 95% RigL and SRigL runs included)."""
-  return [_run(v, s) for v in VARIANTS for s in seeds]
+  """Every run of the study (the table's 95% RigL run included), and issue 16's SRigL
+  setup at the other sparsities of :data:`DEFAULTS_SPARSITIES`."""
+  runs = [_run(v, s) for v in VARIANTS for s in seeds]
+  return runs + [_base_run(sp, s) for sp in DEFAULTS_SPARSITIES if sp != SPARSITY for s in seeds]
+
+
+def defaults_section(rows_by_name: Mapping[str, dict[str, Any]], seeds: Sequence[int]):
+  """RigL, issue 16's SRigL setup and ``configs/srigl.py`` at every sparsity."""
+  lines = [
+    "",
+    "SRigL's config defaults before (issue 16's setup: γ_sal = 0.3, every layer sparse) and "
+    "after (`configs/srigl.py`: γ_sal = 0.9, first layer dense), top-1 (%) mean ± 95% CI, "
+    "Δ = per-seed difference to RigL:",
+    "",
+    "| sparsity | RigL | SRigL, issue 16's setup | Δ | SRigL, `configs/srigl.py` | Δ |",
+    "| ---: | ---: | ---: | ---: | ---: | ---: |",
+  ]
+  for sp in DEFAULTS_SPARSITIES:
+    rigl = [rows_by_name.get(Run("rigl", "", "rigl", sp, s).name) for s in seeds]
+    old = [rows_by_name.get(_base_run(sp, s).name) for s in seeds]
+    new = [rows_by_name.get(Run("srigl", "", "srigl", sp, s).name) for s in seeds]
+    rigl = [r for r in rigl if r is not None]
+    cells = [md.fmt_accuracy([r["test_accuracy"] for r in rigl]) if rigl else "–"]
+    for rows in ([r for r in old if r is not None], [r for r in new if r is not None]):
+      cells.append(md.fmt_accuracy([r["test_accuracy"] for r in rows]) if rows else "–")
+      cells.append(_paired_delta(rows, rigl) if rows and rigl else "–")
+    lines.append(f"| {100 * sp:g}% | " + " | ".join(cells) + " |")
+  return lines
 
 
 def _paired_delta(rows: Sequence[dict], base: Sequence[dict]) -> str:
@@ -152,4 +189,4 @@ def section(rows_by_name: Mapping[str, dict[str, Any]], seeds: Sequence[int]) ->
       f"{delta} | {md.fmt_flops([r.get('train_flops_ratio') for r in rows])} | "
       + md.topology_cells(first, CONV_LAYERS)
     )
-  return lines
+  return lines + defaults_section(rows_by_name, seeds)

@@ -653,7 +653,8 @@ def test_srigl_study_plan_pins_its_variants():
 
   runs = srigl_study.plan([0, 1, 2])
   names = [r.name for r in runs]
-  assert len(names) == len(set(names)) == 3 * len(srigl_study.VARIANTS)
+  assert len(names) == len(set(names)) == 3 * len(srigl_study.VARIANTS) + 6
+  assert {"srigl-base_s0.8_seed2", "srigl-base_s0.9_seed0"} <= set(names)
   assert "rigl_s0.95_seed0" in names  # the table's own RigL run is reused
   base = {r.name: dict(r.overrides) for r in runs}["srigl-base_s0.95_seed1"]
   assert base == dict(srigl_study.SRIGL_BASE)  # independent of configs/srigl.py's defaults
@@ -666,6 +667,9 @@ def test_srigl_study_plan_pins_its_variants():
       rows[name]["test_accuracy"] -= 0.1
   text = "\n".join(srigl_study.section(rows, [0, 1, 2]))
   assert "| SRigL, γ_sal = 0.9 | `dst.gamma_sal=0.9` | 41.0 ± 2.5 | -10.0 ± 0.0 |" in text
+  # Defaults before/after: the table's srigl runs are missing here, RigL only at 95%.
+  assert "| 95% | 51.0 ± 2.5 | 51.0 ± 2.5 | +0.0 ± 0.0 | – | – |" in text
+  assert "| 80% | – | 51.0 ± 2.5 | – | – | – |" in text
 
 
 # -- baselines (issue 16): schedules, SNIP, block, global, training FLOPs ---------------------
