@@ -25,6 +25,7 @@ References: SparseProp (arXiv:2302.04852), Nerva (arXiv:2407.17437), RigL
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -210,19 +211,31 @@ class SparseLinear(_SparseNNX):
 
 
 def im2col(x, window, strides, padding, dilation) -> jax.Array:
-  """``[N, *spatial, in]`` → ``[N, *out_spatial, prod(window)·in]`` in ``(*window, in)`` order."""
-  spatial = "".join("HWD"[: len(window)])
-  patches = lax.conv_general_dilated_patches(
-    x,
-    filter_shape=tuple(window),
-    window_strides=tuple(strides),
-    padding=padding,
-    rhs_dilation=tuple(dilation),
-    dimension_numbers=(f"N{spatial}C", f"OI{spatial}", f"N{spatial}C"),
-  )  # channel-major: [..., in * prod(window)]
-  lead = patches.shape[:-1]
-  patches = patches.reshape(*lead, x.shape[-1], -1)
-  return jnp.swapaxes(patches, -1, -2).reshape(*lead, -1)
+  """``[N, *spatial, in]`` → ``[N, *out_spatial, prod(window)·in]`` in ``(*window, in)`` order.
+
+  One strided slice of the padded input per window offset (pure data movement; its
+  gradient is a pad-and-add), stacked in the kernel's flattening order, so the patches
+  multiply the sparse kernel's ``[prod(window)·in, out]`` view directly.
+  """
+  n = len(window)
+  dilated = [(k - 1) * d + 1 for k, d in zip(window, dilation, strict=True)]
+  if isinstance(padding, str):
+    pads = lax.padtype_to_pads(x.shape[1:-1], dilated, strides, padding)
+  else:
+    pads = [tuple(p) for p in padding]
+  xp = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+  out = [(xp.shape[1 + i] - dilated[i]) // strides[i] + 1 for i in range(n)]  # output spatial sizes
+  slices = []
+  for offset in itertools.product(*(range(k) for k in window)):
+    start = [0] + [o * d for o, d in zip(offset, dilation, strict=True)] + [0]
+    limit = (
+      [xp.shape[0]]
+      + [start[1 + i] + (out[i] - 1) * strides[i] + 1 for i in range(n)]
+      + [xp.shape[-1]]
+    )
+    slices.append(lax.slice(xp, start, limit, [1, *strides, 1]))
+  patches = jnp.stack(slices, axis=-2)  # [N, *out, prod(window), in]
+  return patches.reshape(*patches.shape[:-2], -1)
 
 
 def _tuple(v, n: int, default: int = 1) -> tuple[int, ...]:
