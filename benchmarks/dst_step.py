@@ -93,7 +93,7 @@ def make_step(tx, apply, x, y):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def bench_model(name, model_fn, quick, rounds):
+def bench_model(name, model_fn, quick, rounds, last_layer):
   params, apply, x = model_fn(quick)
   y = jax.random.randint(jax.random.PRNGKey(4), (x.shape[0],), 0, 10)
   inner = lambda: optax.sgd(0.01, momentum=0.9)  # noqa: E731
@@ -103,7 +103,7 @@ def bench_model(name, model_fn, quick, rounds):
     "static": sj.static_sparse(inner(), sparsity=0.9),
     "set": sj.set_(inner(), **kw),
     "rigl": sj.rigl(inner(), **kw),
-    "srigl": sj.srigl(inner(), **kw),
+    "srigl": sj.srigl(inner(), last_layer=last_layer, **kw),
   }
   runners = {}
   for mname, tx in methods.items():
@@ -162,10 +162,14 @@ def main():
   rounds = args.rounds or (5 if args.quick else 40)
   print(_common.environment())
   mlp = bench_model(
-    "MLP 784-3x1024-10, batch 128, SGD momentum, 90% ERK", mlp_model, args.quick, rounds
+    "MLP 784-3x1024-10, batch 128, SGD momentum, 90% ERK", mlp_model, args.quick, rounds, None
   )
   bench_model(
-    "CNN 2 conv + 2 dense, batch 128, SGD momentum, 90% ERK", cnn_model, args.quick, rounds
+    "CNN 2 conv + 2 dense, batch 128, SGD momentum, 90% ERK",
+    cnn_model,
+    args.quick,
+    rounds,
+    "^dense1/",
   )
   n, u, a = mlp["rigl"]
   print(
