@@ -119,3 +119,23 @@ def test_global_ranking_gives_the_drop_criterion_the_full_context():
   assert sum(int(m["kernel"].sum()) for m in masks.values()) == total - int(0.75 * total)
   # One global |w| ranking keeps the larger-magnitude layer's weights preferentially.
   np.testing.assert_array_less(int(masks["layers_0"]["kernel"].sum()), 48 * 0.25 + 1)
+
+
+# --- grouped drop-and-grow ----------------------------------------------------------------
+
+
+def test_grouped_drop_and_grow_caps_over_full_groups_by_default():
+  # Column 0 holds 3 kept entries but may hold 2: the default (cap=True) cuts it to the 2
+  # highest drop scores; column 1 (1 entry) grows its best non-kept entry.
+  mask = jnp.array([[1, 1], [1, 0], [1, 0], [0, 0]], bool)
+  drop = jnp.array([[3.0, 1.0], [1.0, 0.0], [2.0, 0.0], [0.0, 0.0]])
+  grow = jnp.array([[0.0, 0.0], [0.0, 5.0], [0.0, 1.0], [9.0, 2.0]])
+  new, kept = sj.primitives.grouped_drop_and_grow(mask, drop, grow, 0, 2, axis=0)
+  np.testing.assert_array_equal(kept, [[1, 1], [0, 0], [1, 0], [0, 0]])
+  np.testing.assert_array_equal(new, [[1, 1], [0, 1], [1, 0], [0, 0]])
+
+
+def test_grouped_drop_and_grow_rejects_a_fractional_n_drop():
+  mask = jnp.ones((4, 2), bool)
+  with pytest.raises(TypeError, match="`n_drop` must be an integer count"):
+    sj.primitives.grouped_drop_and_grow(mask, mask * 1.0, mask * 1.0, 2.5, 2, axis=0)

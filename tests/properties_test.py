@@ -54,14 +54,19 @@ def _settings(max_examples: int):
 _SPECIAL = np.array(
   [-np.inf, np.inf, 0.0, -0.0, 1e-45, -1e-45, 3.0e38, -3.0e38, 1.0, -1.0, 0.5], F32
 )
-STYLES = ("normal", "ties", "special", "magnitude")
+STYLES = ("normal", "ties", "binary", "constant", "special", "magnitude")
 
 
 def _scores(seed: int, shape, style: str) -> np.ndarray:
-  """Float32 scores: Gaussian, integer-valued (many ties), special values, or |Gaussian|."""
+  """Float32 scores: Gaussian, integer-valued (many ties), two values, one value (index
+  order decides everything), special values, or |Gaussian|."""
   rng = np.random.default_rng(seed)
   if style == "ties":
     return rng.integers(-3, 4, size=shape).astype(F32)
+  if style == "binary":
+    return rng.integers(0, 2, size=shape).astype(F32)
+  if style == "constant":
+    return np.full(shape, rng.choice(_SPECIAL[2:]), F32)
   if style == "special":
     return rng.choice(_SPECIAL, size=shape)
   if style == "magnitude":
