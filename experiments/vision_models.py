@@ -3,8 +3,8 @@
 * :class:`ResNet` ``"resnet50"``: ResNet-50 v1.5 as in the Cloud TPU / TF reference the
   RigL ImageNet code builds on: 7×7/2 stem, 3×3/2 max-pool, bottleneck blocks ``[3, 4, 6,
   3]`` with the stride on the 3×3 convolution, batch norm (decay 0.9, ε 1e-5) with the last
-  scale of every block initialised to zero, He-normal convolutions, a Dense head initialised
-  with N(0, 0.01²).
+  scale of every block initialised to zero, a Dense head initialised with N(0, 0.01²); the
+  convolutions are initialised He-normal (truncated, fan-in) in both ResNets.
 * :class:`ResNet` ``"resnet18_cifar"``: the CIFAR ResNet-18 of the SRigL code
   (kuangliu/pytorch-cifar, ``rigl_torch/models/resnet.py``): a 3×3/1 stem without max-pool,
   basic blocks ``[2, 2, 2, 2]``, widths 64-512, global average pool, Dense head.

@@ -29,11 +29,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def child_env(devices: int) -> dict[str, str]:
-  """The environment of a child with ``devices`` fake CPU devices."""
+def child_env(devices: int, xla_flags: Sequence[str] = ()) -> dict[str, str]:
+  """The environment of a child with ``devices`` fake CPU devices (and more XLA flags)."""
   env = dict(os.environ)
   flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+  flags += [*xla_flags, f"--xla_force_host_platform_device_count={devices}"]
+  env["XLA_FLAGS"] = " ".join(flags)
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
@@ -81,7 +82,7 @@ def launch(
   devices: int,
   log_prefix: Path,
   port: int | None = None,
-  extra_env: dict[str, str] | None = None,
+  xla_flags: Sequence[str] = (),
 ) -> Group:
   """Starts ``python -m experiments.main *args`` as ``processes`` processes.
 
@@ -96,8 +97,7 @@ def launch(
       cmd += [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}"]
       cmd += [f"--process_id={i}"]
     log = Path(f"{log_prefix}.p{i}.log")
-    env = child_env(devices)
-    env.update(extra_env or {})
+    env = child_env(devices, xla_flags)
     with open(log, "w") as f:
       procs.append(
         subprocess.Popen(

@@ -143,7 +143,7 @@ def run(kind: str, method: str) -> None:
     }
     equal &= bool(np.array_equal(np.asarray(mask), np.asarray(flat_ref[path])))
   record = {"kind": kind, "method": method, "shardings": shardings, "equal": equal}
-  if kind == "auto" and method != "static_global":
+  if kind == "auto" and method in ("rigl", "srigl"):  # layer-wise and per-neuron selections
     record["memory"] = memory_records(tx, sharded_params)
   print(json.dumps(record), flush=True)
 

@@ -13,7 +13,7 @@ updates every 20 steps, a loss logged every step, checkpoints every 20 steps) on
   stops on its own (missing heartbeats, ``--heartbeat_timeout=10``); relaunching both
   resumes from the last complete checkpoint and ends exactly as ``two``.
 
-Slow (about 5 minutes on 2 cores); ``.ci/run`` runs it in its slow stage.
+Slow (about 3 minutes on 2 cores); ``.ci/run`` runs it in its slow stage.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def test_multiprocess_process_zero_writes_the_files(one, two):
     # Progress records (perf/*) follow the wall clock; every other record is written once.
     keys_one = [sorted(r) for r in mh.records(one, name) if not _perf(r)]
     keys_two = [sorted(r) for r in mh.records(two, name) if not _perf(r)]
-    assert len(keys_one) > STEPS and keys_two == keys_one, name
+    assert keys_one and keys_two == keys_one, name
+  assert len(mh.records(two)) > STEPS  # a train record every step, evaluation, topology
   assert (two / "config.json").is_file() and (two / "hparams.json").is_file()
   assert sorted(p.name for p in (two / "checkpoints").iterdir()) == sorted(
     str(s) for s in range(20, STEPS + 1, 20)
@@ -170,14 +171,17 @@ def test_multiprocess_kill_one_process_and_relaunch_resumes(root, two):
   workdir = root / "killed"
   args = [*_args(workdir, root), "--heartbeat_timeout=10"]
   group = mh.launch(args, processes=2, devices=4, log_prefix=root / "killed_first")
-  deadline = time.monotonic() + TIMEOUT_S
-  while not (workdir / "checkpoints" / "40").is_dir():
-    assert time.monotonic() < deadline and group.procs[0].poll() is None, group.tail()
-    time.sleep(0.1)
-  group.kill(1)
-  t0 = time.monotonic()
-  codes = group.wait(120)  # process 0 notices the missing heartbeats and stops
-  stopped_after = time.monotonic() - t0
+  try:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (workdir / "checkpoints" / "40").is_dir():
+      assert time.monotonic() < deadline and group.procs[0].poll() is None, group.tail()
+      time.sleep(0.1)
+    group.kill(1)
+    t0 = time.monotonic()
+    codes = group.wait(120)  # process 0 notices the missing heartbeats and stops
+    stopped_after = time.monotonic() - t0
+  finally:
+    group.kill()
   assert codes[0] not in (0, None), f"process 0 should fail, got {codes}\n{group.tail()}"
   assert stopped_after < 120
   done = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())

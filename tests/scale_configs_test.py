@@ -10,8 +10,9 @@ through the launcher (``python -m experiments.main``):
   the batch split over the processes): both finish, write their checkpoint and metrics, and
   the 2-process losses follow the 1-process ones (float noise: rtol 1e-3).
 
-Slow (compiling ResNet-50 / ResNet-18 / ViT-S/16 train steps dominates, about 2 minutes per
-config on 2 cores); ``.ci/run`` runs it in its slow stage.
+Slow: compiling the ResNet-50 / ResNet-18 / ViT-S/16 train steps dominates (about 1.5, 1
+and 1.5 minutes per config on 2 cores). ``.ci/run``'s slow stage runs the ResNet-18 one (the
+CI budget); ``pytest -m slow -k published_config`` runs all three.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ CONFIGS = {
   "vit_s16_imagenet": ("imagenet2012", "tfrecord"),
 }
 TIMEOUT_S = 900
+# Compiling dominates 3 steps: XLA:CPU's cheapest code generation cuts it by about a quarter.
+FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
 
 
 @pytest.fixture(scope="module", name="data")
@@ -63,7 +66,9 @@ def _run(name, data, root, processes):
     f"--config.data.dir={data[CONFIGS[name]]}",
     f"--workdir={workdir}",
   ]
-  group = mh.launch(args, processes=processes, devices=1, log_prefix=workdir)
+  group = mh.launch(
+    args, processes=processes, devices=1, log_prefix=workdir, xla_flags=FAST_COMPILE
+  )
   codes = group.wait(TIMEOUT_S)
   assert codes == [0] * processes, f"{name} on {processes} process(es): {codes}\n{group.tail()}"
   return workdir, group
@@ -81,7 +86,7 @@ def test_published_config_runs_three_steps_on_one_and_two_processes(name, data, 
     final = [r for r in recs if "final/test_accuracy" in r]
     assert len(losses) == 3 and np.all(np.isfinite(losses)), recs
     assert len(final) == 1 and 0.0 <= final[0]["final/test_accuracy"] <= 1.0
-    assert any(r.get("dst/update_step") == 1 for r in recs) or name == "vit_dense"
+    assert any(r.get("dst/update_step") == 1 for r in recs), recs  # the mask update ran
     assert (workdir / "checkpoints" / "3").is_dir()
     config = json.loads((workdir / "config.json").read_text())
     assert config["data"]["image_size"] == 32 and config["num_train_steps"] == 3

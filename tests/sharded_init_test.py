@@ -8,14 +8,12 @@ static global (cross-layer) ranking:
   sharding (kernels sharded along ``in``, along ``out``, along both mesh axes, replicated, and
   a conv kernel along ``in``), and on the Explicit mesh its type carries it;
 * the masks equal single-device ``tx.init`` bit for bit;
-* the program that draws each 2-D kernel's mask (``pruning.sharded_mask_program``) needs per
-  device (temporaries + output, ``memory_analysis``) at most 3x the single-device program's
-  bytes divided by the number of shards (the ideal; the fixed-size selection histograms and
-  tie-break buffers make up the rest): no device holds the whole mask or its scores.
-
-Limitation (docs/SHARDING.md): a conv kernel sharded along ``in`` or ``out`` (not its
-leading axis) has no contiguous shard of the flattened kernel; XLA then gathers the layer
-inside the mask's selection, so only its placement is asserted here.
+* for RigL and SRigL (layer-wise and per-neuron exact selections; N:M groups are local
+  anyway), the program that draws each kernel's mask (``pruning.sharded_mask_program``) needs per
+  device (temporaries + output, ``memory_analysis``) at most 2x the single-device program's
+  bytes divided by the number of shards (the ideal; the fixed-size selection histograms make
+  up the rest; measured 1.0x, 1.3-1.5x on 8 shards): no device holds the whole mask or its
+  scores.
 """
 
 from __future__ import annotations
@@ -63,12 +61,12 @@ def test_masks_are_sharded_like_their_params_right_after_init(records, kind, met
   assert r["equal"], "masks differ from single-device tx.init"
 
 
-@pytest.mark.parametrize("method", ("rigl", "srigl", "rigl_nm24"))
+@pytest.mark.parametrize("method", ("rigl", "srigl"))
 def test_init_memory_per_device_stays_at_the_shard_size(records, method):
   memory = {m["path"]: m for m in records[("auto", method)]["memory"]}
-  for path in ("wide/kernel", "out_sharded/kernel", "both/kernel"):
+  for path in ("wide/kernel", "out_sharded/kernel", "both/kernel", "conv/kernel"):
     m = memory[path]
     assert m["shards"] in (4, 8), m
     ideal = m["single_device_bytes"] / m["shards"]
-    assert m["sharded_bytes"] <= 3 * ideal, (path, m, m["sharded_bytes"] / ideal)
+    assert m["sharded_bytes"] <= 2 * ideal, (path, m, m["sharded_bytes"] / ideal)
     assert m["sharded_bytes"] < m["single_device_bytes"] / 2, (path, m)
