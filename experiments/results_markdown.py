@@ -220,8 +220,9 @@ def header(meta: dict[str, Any]) -> list[str]:
     "indicative).",
     "",
     "Test accuracy (%) on the 1000 MNIST-1D test samples, mean ± 95% confidence interval "
-    f"(Student t) over seeds {meta['seeds']}; every sparse layer allocation is ERK; FLOPs "
-    "are multiples of dense training / inference (see below).",
+    f"(Student t) over seeds {meta['seeds']}; every sparse layer allocation is ERK (the "
+    "layers a config keeps dense are listed under *Configs*); FLOPs are multiples of dense "
+    "training / inference (see below).",
     "",
   ]
 

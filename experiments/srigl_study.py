@@ -154,7 +154,8 @@ def _paired_delta(rows: Sequence[dict], base: Sequence[dict]) -> str:
   if not diffs:
     return "–"
   m, ci = md.mean_ci(diffs)
-  return f"{100 * m:+.1f}" + ("" if ci != ci else f" ± {100 * ci:.1f}")  # nan: n = 1
+  text = f"{100 * m:+.1f}".replace("-0.0", "+0.0")
+  return text + ("" if ci != ci else f" ± {100 * ci:.1f}")  # nan: n = 1
 
 
 def section(rows_by_name: Mapping[str, dict[str, Any]], seeds: Sequence[int]) -> list[str]:
