@@ -139,3 +139,71 @@ def test_grouped_drop_and_grow_rejects_a_fractional_n_drop():
   mask = jnp.ones((4, 2), bool)
   with pytest.raises(TypeError, match="`n_drop` must be an integer count"):
     sj.primitives.grouped_drop_and_grow(mask, mask * 1.0, mask * 1.0, 2.5, 2, axis=0)
+
+
+# --- argument checks whose names only reach the error message ---------------------------
+
+
+@pytest.mark.parametrize(
+  "keyword",
+  [
+    "update_every",
+    "start_step",
+    "end_step",
+    "drop_fraction",
+    "drop_fraction_decay",
+    "drop",
+    "grow",
+    "grow_init",
+  ],
+)
+def test_static_sparse_refuses_every_keyword_of_a_changing_mask(keyword):
+  with pytest.raises(TypeError, match=rf"static_sparse does not take \['{keyword}'\]"):
+    sj.static_sparse(optax.sgd(0.1), sparsity=0.5, **{keyword: 1})
+
+
+def test_block_and_criterion_arguments_are_named_in_their_errors():
+  with pytest.raises(ValueError, match="`h` must be >= 1"):
+    sj.Block(0, 2)
+  with pytest.raises(ValueError, match="`w` must be >= 1"):
+    sj.Block(2, 0)
+  with pytest.raises(TypeError, match="`fn` must be callable"):
+    sj.register_criterion("not_a_function", 3)
+
+
+def test_gmp_refuses_update_every_zero():
+  with pytest.raises(ValueError, match="`update_every` must be >= 1"):
+    sj.gmp(optax.sgd(0.1), sparsity=0.5, end_step=100, update_every=0)
+
+
+# --- GraNet's defaults and pass-through keywords ------------------------------------------
+
+
+def _granet_nnz_after_update(count, **kwargs):
+  params = {"layers_0": {"kernel": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)}}
+  tx = sj.granet(optax.sgd(0.0), sparsity=0.5, end_step=1000, distribution="uniform", **kwargs)
+  state = tx.init(params)._replace(count=jnp.int32(count))
+  _, state = tx.update(params, state, params)  # grads = params: any finite values
+  return int(sj.get_masks(state)["layers_0"]["kernel"].sum())
+
+
+@pytest.mark.parametrize(
+  "count,power,want_sparsity",
+  [(100, 3.0, sj.gradual_sparsity(100, sparsity=0.5, end_step=1000)), (101, 3.0, 0.0)]
+  + [(500, 1.0, 0.25)],
+)
+def test_granet_prunes_every_100_steps_along_its_power_schedule(count, power, want_sparsity):
+  # Dense start; the default update_every is 100, so step 100 prunes and step 101 does not.
+  nnz = _granet_nnz_after_update(count, power=power)
+  assert nnz == 64 - int(np.floor(64 * want_sparsity + 1e-9))
+
+
+def test_granet_grows_with_the_given_criterion():
+  called = []
+
+  def grow(ctx):
+    called.append(ctx.path)
+    return jnp.abs(ctx.grad)
+
+  _granet_nnz_after_update(100, grow=grow)
+  assert called == ["layers_0/kernel"]

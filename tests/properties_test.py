@@ -500,6 +500,8 @@ def test_constant_fan_in_ablation(case, start_ablated, seed, fraction, w_style, 
     structure, shape, sparsity, seed, fraction, w_style, g_style, mask=mask, is_last=is_last
   )
   counts = _fan_in_view(new).sum(0)
+  np.testing.assert_array_equal(sj.primitives.fan_in_counts(new), counts)
+  np.testing.assert_array_equal(sj.primitives.active_neurons(new), counts > 0)
   if is_last:  # the output layer is never ablated
     np.testing.assert_array_equal(counts, k0)
     return
@@ -589,6 +591,8 @@ def test_block_structure(case, seed, fraction, w_style, g_style):
 
   assert blocks(init).sum() == n_blocks and blocks(new).sum() == n_blocks
   means = _block_means(shape, h, w)
+  chosen = np.asarray(structure.select(jnp.asarray(g), sparsity))  # the best block means
+  np.testing.assert_array_equal(blocks(chosen), _ref_topk(np.asarray(means(g)), n_blocks))
   ref, _ = _ref_drop_and_grow(
     blocks(mask),
     np.asarray(means(np.abs(wts))),
@@ -988,6 +992,38 @@ def test_drop_fraction_schedule_matches_formula(schedule, fraction, decay):
   after_start = counts >= start  # no update happens before start_step
   np.testing.assert_allclose(got[after_start], want[after_start], rtol=1e-5, atol=1e-6)
   assert got.dtype == np.float32
+
+
+@_settings(100)
+@given(
+  schedule=_schedule(),
+  final=st.floats(0.0, 0.99),
+  initial=st.floats(0.0, 0.99),
+  power=st.sampled_from([1.0, 2.0, 3.0, 0.5]),
+  regrow=st.integers(0, 40),
+)
+def test_gradual_schedule_matches_python_reference(schedule, final, initial, power, regrow):
+  every, start, end = schedule
+  initial = min(initial, final)
+  counts = np.arange(0, _MAX_COUNT)
+  # Zhu & Gupta: s_i at start_step, s_f from end_step on, (1 - p)^power in between.
+  p = np.clip((counts - start) / (end - start), 0.0, 1.0)
+  want = final + (initial - final) * (1.0 - p) ** power
+  got = sj.gradual_sparsity(
+    counts, sparsity=final, initial_sparsity=initial, start_step=start, end_step=end, power=power
+  )
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  assert sj.gradual_sparsity(end + 7, sparsity=final, end_step=end, start_step=start) == final
+  # Pruning steps: start, every `every` after it, and end_step itself; regrowth until
+  # regrow_end_step on the same grid.
+  last = end + regrow
+  gs = schedules.GradualSchedule(start, end, every, initial, power, last if regrow else None)
+  want_steps = [t for t in range(start, last + 1) if (t - start) % every == 0 or t == end]
+  assert gs.update_steps().tolist() == want_steps
+  assert gs.pruning_steps().tolist() == [t for t in want_steps if t <= end]
+  np.testing.assert_array_equal(
+    np.asarray(gs.is_update(jnp.asarray(counts))), np.isin(counts, want_steps)
+  )
 
 
 @_settings(30)
