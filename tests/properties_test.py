@@ -133,12 +133,13 @@ def _budget(size: int, sparsity: float) -> int:
   return int(math.floor((1.0 - sparsity) * size + 1e-9))
 
 
-def _ref_ablated(weights, grads, n_keep, n_drop, sparsity, gamma_sal) -> np.ndarray:
-  """SRigL's ablation rule (ALGORITHMS.md §4.3) on a ``[fan_in, n_out]`` layer."""
+def _ref_ablated(weights, grads, n_keep, n_drop, sparsity, gamma_sal, dense=False):
+  """SRigL's ablation rule (ALGORITHMS.md §4.3) on a ``[fan_in, n_out]`` layer; γ_sal
+  multiplies the sparse fan-in ``k0`` (or the dense fan-in with ``dense``)."""
   fan_in, n_out = weights.shape
   budget = _budget(fan_in * n_out, sparsity)
   min_neurons = min(budget // fan_in, n_out - 1)
-  threshold = max(1, int(gamma_sal * (budget // n_out)))
+  threshold = max(1, int(gamma_sal * (fan_in if dense else budget // n_out)))
   salient = _ref_topk(np.abs(weights), n_keep) | _ref_topk(np.abs(grads), n_drop)
   counts = salient.sum(axis=0)
   guard = np.sort(counts)[::-1][min_neurons]  # at least min_neurons + 1 neurons survive
@@ -519,6 +520,36 @@ def test_constant_fan_in_ablation(case, start_ablated, seed, fraction, w_style, 
     _fan_in_view(mask), drop, _fan_in_view(np.abs(g)), n_drop, per, 0, True
   )
   np.testing.assert_array_equal(_fan_in_view(new), ref_new)
+
+
+@functools.cache
+def _ablate_fn(sparsity, gamma_sal, relative_to):
+  kw = {} if relative_to is None else {"relative_to": relative_to}  # default: "sparse"
+  return jax.jit(
+    lambda w, g, n_keep, n_drop: sj.primitives.neurons_to_ablate(
+      w, g, n_keep, n_drop, sparsity, gamma_sal, **kw
+    )
+  )
+
+
+@_settings(25)
+@given(
+  case=st.sampled_from(
+    [(0.75, 0.3, None), (0.5, 0.9, "dense"), (0.9, 1.0, "sparse"), (0.75, 0.0, None)]
+  ),
+  seed=st.integers(0, 2**30),
+  w_style=st.sampled_from(STYLES),
+  g_style=st.sampled_from(STYLES),
+  data=st.data(),
+)
+def test_neurons_to_ablate_matches_reference(case, seed, w_style, g_style, data):
+  sparsity, gamma_sal, relative_to = case
+  w, g = _scores(seed, (12, 8), w_style), _scores(seed + 1, (12, 8), g_style)
+  n_keep = data.draw(st.integers(0, 96), label="n_keep")
+  n_drop = data.draw(st.integers(0, 96 - n_keep), label="n_drop")
+  got = _ablate_fn(sparsity, gamma_sal, relative_to)(w, g, jnp.int32(n_keep), jnp.int32(n_drop))
+  want = _ref_ablated(w, g, n_keep, n_drop, sparsity, gamma_sal, dense=relative_to == "dense")
+  np.testing.assert_array_equal(got, want)
 
 
 def _nm_counts(mask, m):
