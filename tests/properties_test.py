@@ -1044,6 +1044,12 @@ def test_gradual_schedule_matches_python_reference(schedule, final, initial, pow
     counts, sparsity=final, initial_sparsity=initial, start_step=start, end_step=end, power=power
   )
   np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  got32 = sj.gradual_sparsity(  # float32 steps: still computed (and returned) in float64
+    counts.astype(np.float32), sparsity=final, initial_sparsity=initial, start_step=start,
+    end_step=end, power=power,
+  )  # fmt: skip
+  assert got32.dtype == np.float64
+  np.testing.assert_allclose(got32, want, rtol=1e-12, atol=1e-12)
   assert sj.gradual_sparsity(end + 7, sparsity=final, end_step=end, start_step=start) == final
   # Pruning steps: start, every `every` after it, and end_step itself; regrowth until
   # regrow_end_step on the same grid.
