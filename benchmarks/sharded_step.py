@@ -162,7 +162,9 @@ def child(args) -> None:
       xb, yb = x, y
     else:
       mesh = jax.make_mesh((2, n_dev // 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
-      psh = sj.sharding.named_shardings(mesh, sj.sharding.fsdp_param_specs(params, mesh, axis="fsdp"))
+      psh = sj.sharding.named_shardings(
+        mesh, sj.sharding.fsdp_param_specs(params, mesh, axis="fsdp")
+      )
       params = jax.device_put(params, psh)
       state = sj.sharding.shard_dst_init(tx, params, psh)
       params = sj.apply_masks(params, state)

@@ -104,7 +104,7 @@ def test_drop_and_grow_invariants(shape, density, drop_fraction):
 def test_every_selection_strategy_matches_reference(strategy, axis, chunked, monkeypatch):
   from sparsejax._src.primitives import selection
 
-  if chunked:  # large-array path on a small array: rows processed 2-3 at a time
+  if chunked:  # large-array path on a small array: columns processed 2-3 at a time
     if strategy == "rank":
       pytest.skip("short slices are ranked pairwise, never chunked")
     monkeypatch.setattr(selection, "_CHUNK_ABOVE", 0)

@@ -30,9 +30,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-_SIGN_BIT = jnp.uint32(0x80000000)
+_SIGN_BIT = np.uint32(0x80000000)  # NumPy: importing must not start a JAX backend
 
 # Static strategy thresholds (see topk_mask).
 _PAIRWISE_MAX = 16
@@ -147,38 +148,66 @@ def _select_by_rank(keys: jax.Array, k: jax.Array, axis: int) -> jax.Array:
   return (keys != 0) & (rank < k)
 
 
-def _chunk_rows(n_rows: int, n_cols: int) -> int:
-  """Rows per chunk: all rows for small arrays, else the largest divisor of ``n_rows``
-  with at most ``_CHUNK`` entries per chunk (all rows when that would need too many)."""
+def _chunk_cols(n_rows: int, n_cols: int) -> int:
+  """Columns per chunk: all columns for small arrays, else the largest divisor of
+  ``n_cols`` with at most ``_CHUNK`` entries per chunk (at least one column; all columns
+  when that would need too many chunks).
+
+  Chunks are column blocks so that a kernel sharded along its rows (FSDP along the input
+  axis, the layout ``sj.sharding.fsdp_param_specs`` picks) keeps every chunk local: a
+  dynamic slice along a sharded axis would gather the layer.
+  """
   if n_rows * n_cols <= _CHUNK_ABOVE:
-    return n_rows
+    return n_cols
   best = 1
-  for c in range(1, max(1, _CHUNK // max(n_cols, 1)) + 1):
-    if n_rows % c == 0:
+  for c in range(1, max(1, _CHUNK // max(n_rows, 1)) + 1):
+    if n_cols % c == 0:
       best = c
-  return best if n_rows // best <= _MAX_CHUNKS else n_rows
+  return best if n_cols // best <= _MAX_CHUNKS else n_cols
+
+
+def _col_slice(x: jax.Array, i, cols: int) -> jax.Array:
+  if cols == x.shape[1]:
+    return x
+  return lax.dynamic_slice_in_dim(x, i * cols, cols, axis=1)
+
+
+def _cumsum_rows(x: jax.Array) -> jax.Array:
+  """Inclusive int32 cumsum along axis 0, blocked for long columns (no full-length scan)."""
+  n = x.shape[0]
+  block = 1024
+  if n <= 4 * block or n % block:
+    return jnp.cumsum(x, axis=0, dtype=jnp.int32)
+  blocks = x.reshape(n // block, block, *x.shape[1:]).astype(jnp.int32)
+  within = jnp.cumsum(blocks, axis=1)
+  totals = within[:, -1:]
+  before = jnp.cumsum(totals, axis=0) - totals
+  return (within + before).reshape(x.shape)
 
 
 def count_true(mask: jax.Array, axis: int | None = None) -> jax.Array:
   """int32 count of True entries: in total (``axis=None``) or along ``axis`` (keepdims).
 
-  Large masks are summed in row chunks, so no int32 copy of the whole mask is made (XLA on
-  the CPU materialises the conversion in front of a reduction).
+  Large masks are summed in column chunks, so no int32 copy of the whole mask is made (XLA
+  on the CPU materialises the conversion in front of a reduction).
   """
   if axis is not None and axis % max(mask.ndim, 1) != 0:
     return jnp.sum(mask, axis=axis, keepdims=True, dtype=jnp.int32)
   view = mask.reshape(mask.shape[0], -1) if mask.ndim >= 2 else mask.reshape(-1, 1)
-  rows = _chunk_rows(*view.shape)
-  axes = (0,) if axis is not None else (0, 1)
-
-  def add(i, acc):
-    part = view if rows == view.shape[0] else lax.dynamic_slice_in_dim(view, i * rows, rows)
-    return acc + jnp.sum(part, axis=axes, keepdims=True, dtype=jnp.int32)
-
-  init = jnp.zeros((1, view.shape[1]) if axis is not None else (1, 1), jnp.int32)
-  total = _for_chunks(view.shape[0] // rows, add, init)
+  cols = _chunk_cols(*view.shape)
+  n_chunks = view.shape[1] // cols
   if axis is None:
-    return total.reshape(())
+
+    def add(i, acc):
+      return acc + jnp.sum(_col_slice(view, i, cols), dtype=jnp.int32)
+
+    return _for_chunks(n_chunks, add, jnp.zeros((), jnp.int32))
+
+  def put(i, acc):
+    part = jnp.sum(_col_slice(view, i, cols), axis=0, keepdims=True, dtype=jnp.int32)
+    return part if n_chunks == 1 else lax.dynamic_update_slice_in_dim(acc, part, i * cols, 1)
+
+  total = _for_chunks(n_chunks, put, jnp.zeros((1, view.shape[1]), jnp.int32))
   return total.reshape((1,) + mask.shape[1:])
 
 
@@ -195,56 +224,67 @@ def _select_2d(
   """Top-``k`` of ``[L, G]`` scores: per column (``k`` is ``[1, G]``) or over the whole
   array (``per_column=False``, ``k`` is ``[1, 1]``, ties by row-major flat index).
 
-  Two loops over row chunks: the radix passes find each group's threshold key, then one
-  pass writes the mask, ranking the entries tied at the threshold by index with a running
-  count (so ties need no extra radix passes and no full-size cumulative sum).
+  Loops over column chunks: the radix passes find each group's threshold key, then one
+  pass writes the mask, ranking the entries tied at the threshold by index with running
+  counts (so ties need no extra radix passes and no full-size cumulative sum).
   """
   n_rows, n_cols = scores.shape
-  rows = _chunk_rows(n_rows, n_cols)
-  n_chunks = n_rows // rows
+  cols = _chunk_cols(n_rows, n_cols)
+  n_chunks = n_cols // cols
 
   def chunk(i):
-    if n_chunks == 1:
-      x, cands = scores, candidates
-    else:
-      x = lax.dynamic_slice_in_dim(scores, i * rows, rows)
-      cands = None if candidates is None else lax.dynamic_slice_in_dim(candidates, i * rows, rows)
-    keys = _ordered_keys(x)
+    keys = _ordered_keys(_col_slice(scores, i, cols))
     # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF), and are
     # never counted: every threshold found is >= 1 whenever k >= 1.
-    return keys if cands is None else jnp.where(cands, keys, jnp.uint32(0))
+    if candidates is None:
+      return keys
+    return jnp.where(_col_slice(candidates, i, cols), keys, jnp.uint32(0))
 
-  threshold, n_above, _ = _radix_threshold(chunk, n_chunks, k, per_column)
+  threshold, n_above, _ = _radix_threshold(chunk, n_chunks, cols, k, per_column)
   need = k - n_above  # how many of the entries tied at the threshold are selected
   tie_valid = (threshold != 0) & (k >= 1)
 
+  def tied_in(i, keys):
+    if per_column:
+      return (keys == _col_slice(threshold, i, cols)) & _col_slice(tie_valid, i, cols)
+    return (keys == threshold) & tie_valid
+
+  if per_column:
+    row_before = None
+  else:  # ties rank in row-major order: count the ties of every row first (one pass)
+
+    def count_rows(i, acc):
+      return acc + jnp.sum(tied_in(i, chunk(i)), axis=1, keepdims=True, dtype=jnp.int32)
+
+    per_row = _for_chunks(n_chunks, count_rows, jnp.zeros((n_rows, 1), jnp.int32))
+    row_before = _cumsum_rows(per_row) - per_row
+
   def write(i, carry):
-    out, seen = carry
+    out, seen = carry  # seen: ties in earlier chunks of the same row (flat order only)
     keys = chunk(i)
-    tied = (keys == threshold) & tie_valid
-    t = tied.astype(jnp.int32)
+    tied = tied_in(i, keys)
     if per_column:  # index order along the column: rows
-      rank = seen + jnp.cumsum(t, axis=0)
-      seen = seen + jnp.sum(t, axis=0, keepdims=True)
-    else:  # row-major flat order: rows, then columns within a row
-      in_row = jnp.cumsum(t, axis=1)
-      before_row = jnp.cumsum(in_row[:, -1:], axis=0) - in_row[:, -1:]
-      rank = seen + before_row + in_row
-      seen = seen + jnp.sum(t, keepdims=True)
-    selected = (keys > threshold) | (tied & (rank <= need))
+      rank = _cumsum_rows(tied)
+      selected = (keys > _col_slice(threshold, i, cols)) | (
+        tied & (rank <= _col_slice(need, i, cols))
+      )
+    else:  # row-major flat order: earlier rows, earlier chunks of the row, then columns
+      rank = row_before + seen + jnp.cumsum(tied, axis=1, dtype=jnp.int32)
+      seen = seen + jnp.sum(tied, axis=1, keepdims=True, dtype=jnp.int32)
+      selected = (keys > threshold) | (tied & (rank <= need))
     if n_chunks == 1:
       return selected, seen
-    return lax.dynamic_update_slice_in_dim(out, selected, i * rows, 0), seen
+    return lax.dynamic_update_slice_in_dim(out, selected, i * cols, 1), seen
 
-  init = (jnp.zeros(scores.shape, bool), jnp.zeros(k.shape, jnp.int32))
+  init = (jnp.zeros(scores.shape, bool), jnp.zeros((n_rows, 1), jnp.int32))
   out, _ = _for_chunks(n_chunks, write, init)
   return out
 
 
-def _radix_threshold(chunk: Callable, n_chunks: int, k: jax.Array, per_column: bool):
+def _radix_threshold(chunk: Callable, n_chunks: int, cols: int, k: jax.Array, per_column: bool):
   """The ``k``-th largest key of every column (or of all), from keys given chunk by chunk.
 
-  ``chunk(i)`` returns the uint32 keys ``[rows, G]`` of chunk ``i`` (0 = not a
+  ``chunk(i)`` returns the uint32 keys ``[L, cols]`` of column chunk ``i`` (0 = not a
   candidate). Returns ``(threshold, n_above, n_at)``, each shaped like ``k``
   (``[1, G]``, or ``[1, 1]`` when not ``per_column``): ``threshold`` is 0 when ``k``
   exceeds the number of candidates (everything above 0, i.e. every candidate, is then
@@ -253,12 +293,12 @@ def _radix_threshold(chunk: Callable, n_chunks: int, k: jax.Array, per_column: b
   n_groups = k.shape[-1]
   for width in (16, 8, 4):
     if n_groups * (1 << width) <= _HISTOGRAM_MAX_BINS:
-      return _threshold_by_histogram(chunk, n_chunks, k, width, per_column)
-  return _threshold_by_bits(chunk, n_chunks, k, per_column)
+      return _threshold_by_histogram(chunk, n_chunks, cols, k, width, per_column)
+  return _threshold_by_bits(chunk, n_chunks, cols, k, per_column)
 
 
 def _threshold_by_histogram(
-  chunk: Callable, n_chunks: int, k: jax.Array, width: int, per_column: bool
+  chunk: Callable, n_chunks: int, cols: int, k: jax.Array, width: int, per_column: bool
 ):
   """Radix select with ``width``-bit histogram passes (``32 // width`` scatter-adds).
 
@@ -277,10 +317,15 @@ def _threshold_by_histogram(
     def add_chunk(i, hist):
       keys = chunk(i)
       digit = (keys >> shift) & jnp.uint32(n_bins - 1)
-      match = jnp.where(first, keys != 0, (keys >> high) == (prefix >> high))
+      if per_column:
+        match_prefix = _col_slice(prefix, i, cols)
+      else:
+        match_prefix = prefix
+      match = jnp.where(first, keys != 0, (keys >> high) == (match_prefix >> high))
       bins = digit.astype(jnp.int32)
       if per_column:
-        bins = lax.broadcasted_iota(jnp.int32, keys.shape, 1) * n_bins + bins
+        col = i * cols + lax.broadcasted_iota(jnp.int32, keys.shape, 1)
+        bins = col * n_bins + bins
       return hist.at[bins.reshape(-1)].add(
         match.reshape(-1).astype(jnp.int32), mode="promise_in_bounds"
       )
@@ -308,24 +353,31 @@ def _threshold_by_histogram(
   return threshold, n_above, n_at
 
 
-def _threshold_by_bits(chunk: Callable, n_chunks: int, k: jax.Array, per_column: bool):
+def _threshold_by_bits(chunk: Callable, n_chunks: int, cols: int, k: jax.Array, per_column: bool):
   """k-th largest key per column with 32 counting passes (bitwise binary search)."""
-  axes = 0 if per_column else (0, 1)
 
-  def count(predicate) -> jax.Array:
+  def count(predicate, ref) -> jax.Array:
+    """Per column (or total) count of ``predicate(keys, ref)``; ``ref`` is ``[1, G]``."""
+
     def add(i, acc):
-      return acc + jnp.sum(predicate(chunk(i)), axis=axes, keepdims=True, dtype=jnp.int32)
+      keys = chunk(i)
+      if not per_column:
+        return acc + jnp.sum(predicate(keys, ref), dtype=jnp.int32).reshape(1, 1)
+      part = jnp.sum(
+        predicate(keys, _col_slice(ref, i, cols)), axis=0, keepdims=True, dtype=jnp.int32
+      )
+      return part if n_chunks == 1 else lax.dynamic_update_slice_in_dim(acc, part, i * cols, 1)
 
     return _for_chunks(n_chunks, add, jnp.zeros(k.shape, jnp.int32))
 
   def body(i, threshold):
     bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
     trial = threshold | bit
-    return jnp.where(count(lambda keys: keys >= trial) >= k, trial, threshold)
+    return jnp.where(count(lambda keys, t: keys >= t, trial) >= k, trial, threshold)
 
   threshold = lax.fori_loop(0, 32, body, jnp.zeros(k.shape, jnp.uint32))
-  n_above = count(lambda keys: keys > threshold)
-  n_at = count(lambda keys: (keys == threshold) & (threshold != 0))
+  n_above = count(lambda keys, t: keys > t, threshold)
+  n_at = count(lambda keys, t: (keys == t) & (t != 0), threshold)
   return threshold, n_above, n_at
 
 

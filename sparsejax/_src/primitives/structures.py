@@ -55,7 +55,15 @@ class Structure(Protocol):
 
 
 def _uniform_scores(key: jax.Array, shape: Sequence[int]) -> jax.Array:
-  return jax.random.uniform(key, tuple(shape), jnp.float32)
+  """Uniform float32 scores of ``shape``, drawn on its ``[rows, last axis]`` view.
+
+  The bits are those of ``uniform(key, shape)`` (threefry counts the flat index), and a
+  sharding given to the view (``pruning.sharded_mask_program``) reaches the draw.
+  """
+  shape = tuple(shape)
+  if len(shape) < 2:
+    return jax.random.uniform(key, shape, jnp.float32)
+  return jax.random.uniform(key, base.fan_in_shape(shape), jnp.float32).reshape(shape)
 
 
 def _needs_kernel(name: str, layer: base.LayerInfo) -> None:

@@ -327,18 +327,20 @@ def _concrete_sharding(leaf: Any) -> jax.sharding.NamedSharding | None:
   return sharding if isinstance(sharding, jax.sharding.NamedSharding) else None
 
 
-def _compute_sharding(
+def _row_view_sharding(
   sharding: jax.sharding.NamedSharding, shape: tuple[int, ...]
-) -> jax.sharding.NamedSharding:
-  """Where a mask is drawn: the param's mesh axes all on its last dimension if possible.
+) -> jax.sharding.NamedSharding | None:
+  """The param's mesh axes on the rows of its ``[rows, last axis]`` view (None if not even).
 
-  The selections behind an initial mask (``selection.topk_mask``) work on a ``[rows, last
-  axis]`` view of the kernel and visit the rows in chunks (a ``fori_loop`` of dynamic row
-  slices). A shard made of whole columns keeps every chunk local and the selection sharded
-  (one all-reduce of a count histogram per pass), whereas XLA gathers a layer sharded along
-  its rows. The mask is then moved to the param's own sharding (an all-to-all of the bool
-  mask, shard by shard).
+  The selections behind an initial mask (``selection.topk_mask``) work on that view and
+  visit it in column chunks (a ``fori_loop`` of dynamic column slices). Shards made of
+  whole rows keep every chunk local and the selection sharded (one all-reduce of a count
+  histogram per pass), whereas XLA gathers a view sharded along the sliced axis: a conv
+  kernel ``[h, w, in, out]`` sharded along ``in`` is such a view. None on a mesh with
+  Explicit axes, where a value's sharding is its type (the mask is then drawn as typed).
   """
+  if jax.sharding.AxisType.Explicit in tuple(sharding.mesh.axis_types):
+    return None
   axes: list[str] = []
   for part in sharding.spec:
     if isinstance(part, str):
@@ -346,12 +348,13 @@ def _compute_sharding(
     elif isinstance(part, tuple):
       axes.extend(part)
     elif part is not None:
-      return sharding  # e.g. PartitionSpec.UNCONSTRAINED: keep the param's layout
+      return None  # e.g. PartitionSpec.UNCONSTRAINED: keep the param's layout
   size = int(np.prod([sharding.mesh.shape[a] for a in axes])) if axes else 1
-  if size == 1 or not shape or shape[-1] % size:
-    return sharding
+  rows = int(np.prod(shape[:-1])) if len(shape) >= 2 else 0
+  if size == 1 or not rows or rows % size:
+    return None
   names = tuple(axes) if len(axes) > 1 else axes[0]
-  spec = jax.sharding.PartitionSpec(*([None] * (len(shape) - 1)), names)
+  spec = jax.sharding.PartitionSpec(names, None)
   return jax.sharding.NamedSharding(sharding.mesh, spec, memory_kind=sharding.memory_kind)
 
 
@@ -359,15 +362,23 @@ def _compute_sharding(
 def sharded_mask_program(structure: Any, shape: tuple[int, ...], sparsity: float, sharding: Any):
   """The jitted ``key -> mask`` that :func:`initial_masks` runs for a sharded param.
 
-  Its ``out_shardings`` is :func:`_compute_sharding` of the param's ``sharding``, so every
-  device draws and selects only its shard: no device ever holds the whole mask (or its
-  scores). ``structure.random_mask(key, shape, sparsity)`` is the same computation as on one
-  device (JAX's partitionable threefry), so the masks are bit-identical.
+  The mask is computed on its ``[rows, last axis]`` view sharded along the rows
+  (:func:`_row_view_sharding`) and returned in the param's ``sharding`` (an all-to-all of
+  the bool mask when the two differ), so every device draws and selects only its shard: no
+  device ever holds the whole mask (or its scores). ``structure.random_mask(key, shape,
+  sparsity)`` is the same computation as on one device (JAX's partitionable threefry), so
+  the masks are bit-identical.
   """
-  return jax.jit(
-    lambda key: structure.random_mask(key, shape, sparsity),
-    out_shardings=_compute_sharding(sharding, shape),
-  )
+  view = _row_view_sharding(sharding, shape)
+
+  def draw(key: jax.Array) -> jax.Array:
+    mask = structure.random_mask(key, shape, sparsity)
+    if view is None:
+      return mask
+    rows = jax.lax.with_sharding_constraint(mask.reshape(-1, shape[-1]), view)
+    return rows.reshape(shape)
+
+  return jax.jit(draw, out_shardings=sharding)
 
 
 def _leaf_mask(structure: Any, key: jax.Array, leaf: Any, sparsity: float) -> jax.Array:
@@ -381,8 +392,7 @@ def _leaf_mask(structure: Any, key: jax.Array, leaf: Any, sparsity: float) -> ja
   sharding = _concrete_sharding(leaf)
   if sharding is None:
     return base.reshard_like(_random_mask(structure, key, shape, sparsity), leaf)
-  mask = sharded_mask_program(structure, shape, float(sparsity), sharding)(key)
-  return mask if mask.sharding == sharding else jax.device_put(mask, sharding)
+  return sharded_mask_program(structure, shape, float(sparsity), sharding)(key)
 
 
 def _given_mask(mask: Any, leaf: Any) -> jax.Array:
