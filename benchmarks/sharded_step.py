@@ -54,9 +54,10 @@ def _shape_bytes(shape_text: str) -> int:
 def count_collectives(hlo_text: str) -> dict:
   """Static count and result bytes of each collective kind in optimized HLO text.
 
-  Collectives in ``conditional`` branches (the tie-break ``lax.cond`` of the exact top-k,
-  which runs only when ties straddle the threshold) are counted apart under ``"branch"``;
-  collectives inside ``while`` bodies are counted once (``in_loops`` says how many are).
+  Collectives in ``conditional`` branches (which run only when taken) are counted apart
+  under ``"branch"``; collectives inside ``while`` bodies (the selections' radix passes and
+  column-chunk loops) are counted once (``in_loops`` says how many are), so a count is per
+  loop iteration.
   """
   bodies = set(re.findall(r"body=%?([\w.\-]+)", hlo_text))
   branches = set(re.findall(r"(?:true|false)_computation=%?([\w.\-]+)", hlo_text))
@@ -329,12 +330,13 @@ def main() -> None:
     print(
       f"One mask update (drop_and_grow) of a {'x'.join(map(str, comm['layer']))} [in, out] "
       f"layer (f32 scores {comm['layer'][0] * comm['layer'][1] * 4 / 2**20:.1f} MiB) on a "
-      f"{comm['mesh']}-device mesh: collectives in the optimized HLO (count, result bytes); "
-      "the tie-break branch runs only when ties straddle the selection threshold"
+      f"{comm['mesh']}-device mesh: collectives in the optimized HLO (count, result bytes; one "
+      "per loop body: a collective inside a loop runs once per iteration); 'in cond': inside "
+      "a conditional branch"
     )
     hdr2 = (
       f"{'structure/sharded axis':<24} {'all-reduce':>16} {'all-gather':>16} {'other':>6} "
-      f"{'tie-break branch':>17} {'ms':>8}"
+      f"{'in cond':>17} {'ms':>8}"
     )
     print(hdr2)
     print("-" * len(hdr2))

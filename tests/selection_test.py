@@ -132,3 +132,32 @@ def test_every_selection_strategy_matches_reference(strategy, axis, chunked, mon
   for j in range(n_slices):
     sl = (slice(None), j) if axis == 0 else (j, slice(None))
     np.testing.assert_array_equal(got[sl], _reference_topk(scores[sl], ks[j], candidates[sl]))
+
+
+@pytest.mark.parametrize("strategy", ["histogram16", "histogram4", "bits"])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_selection_under_x64_matches_reference(strategy, axis, monkeypatch):
+  """jax_enable_x64 (float64 scores, int64 default ints): the int32 counts stay int32."""
+  from sparsejax._src.primitives import selection
+
+  monkeypatch.setattr(selection, "_CHUNK_ABOVE", 0)  # chunked: loops carry the counts
+  monkeypatch.setattr(selection, "_CHUNK", 27)
+  monkeypatch.setattr(selection, "_PAIRWISE_MAX", 0)
+  max_bins = {"histogram16": 10**9, "histogram4": 16 * 12}.get(strategy, 0)
+  monkeypatch.setattr(selection, "_HISTOGRAM_MAX_BINS", max_bins)
+  rng = np.random.default_rng(5)
+  scores = rng.integers(-3, 4, size=(12, 9)).astype(np.float64)
+  with jax.enable_x64(True):
+    if axis is None:
+      got = sj.primitives.topk_mask(jnp.asarray(scores), 40)
+      np.testing.assert_array_equal(got, _reference_topk(scores.astype(np.float32), 40))
+      mask = jnp.asarray(rng.random((12, 9)) < 0.5)
+      new, _ = sj.primitives.drop_and_grow(mask, jnp.asarray(scores), -jnp.asarray(scores), 5)
+      assert int(new.sum()) == int(mask.sum())
+      return
+    ks = rng.integers(0, 13, size=9)
+    got = np.asarray(sj.primitives.topk_mask(jnp.asarray(scores), jnp.asarray(ks)[None], axis=0))
+  for j in range(9):
+    np.testing.assert_array_equal(
+      got[:, j], _reference_topk(scores[:, j].astype(np.float32), ks[j])
+    )

@@ -357,19 +357,12 @@ def _compare(twin, opt_m, model, opt_s, rtol, atol):
 
 # The XLA path computes the same dense products as the twin, so float32 trajectories agree
 # to rounding and the masks exactly; float64 (x64 mode) separates indexing from rounding.
-X64_SELECTION = pytest.mark.xfail(
-  raises=TypeError,
-  strict=False,
-  reason="primitives/selection.py (f418e40) promotes its int32 radix-select counts to int64 "
-  "under jax_enable_x64 (jnp.sum/jnp.cumsum without dtype), so every masked DST update fails "
-  "in x64 mode; the truly sparse update shares it (step.leaf_flips).",
-)
 TWIN_CASES = [
   pytest.param("rigl", jnp.float32, id="rigl-f32"),
   pytest.param("set", jnp.float32, id="set-f32"),
   pytest.param("srigl", jnp.float32, id="srigl-f32"),
-  pytest.param("rigl", jnp.float64, id="rigl-f64", marks=X64_SELECTION),
-  pytest.param("srigl", jnp.float64, id="srigl-f64", marks=[X64_SELECTION, pytest.mark.slow]),
+  pytest.param("rigl", jnp.float64, id="rigl-f64"),
+  pytest.param("srigl", jnp.float64, id="srigl-f64", marks=pytest.mark.slow),
 ]
 
 

@@ -179,9 +179,9 @@ def _cumsum_rows(x: jax.Array) -> jax.Array:
   if n <= 4 * block or n % block:
     return jnp.cumsum(x, axis=0, dtype=jnp.int32)
   blocks = x.reshape(n // block, block, *x.shape[1:]).astype(jnp.int32)
-  within = jnp.cumsum(blocks, axis=1)
+  within = jnp.cumsum(blocks, axis=1, dtype=jnp.int32)
   totals = within[:, -1:]
-  before = jnp.cumsum(totals, axis=0) - totals
+  before = jnp.cumsum(totals, axis=0, dtype=jnp.int32) - totals
   return (within + before).reshape(x.shape)
 
 
@@ -332,10 +332,10 @@ def _threshold_by_histogram(
 
     hist = _for_chunks(n_chunks, add_chunk, jnp.zeros((n_groups * n_bins,), jnp.int32))
     hist = hist.reshape(1, n_groups, n_bins)
-    total = jnp.where(first, jnp.sum(hist, axis=-1), total)
+    total = jnp.where(first, jnp.sum(hist, axis=-1, dtype=jnp.int32), total)
     need = jnp.where(first, jnp.clip(need, 0, total), need)
     # at_least[v] = count(digit >= v) among matching entries (non-increasing in v).
-    at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1), -1)
+    at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1, dtype=jnp.int32), -1)
     v = jnp.maximum(jnp.sum(at_least >= need[..., None], axis=-1, dtype=jnp.int32) - 1, 0)
     next_v = jnp.minimum(v + 1, n_bins - 1)[..., None]
     above_v = jnp.where(v < n_bins - 1, jnp.take_along_axis(at_least, next_v, -1)[..., 0], 0)
