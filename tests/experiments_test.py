@@ -825,3 +825,27 @@ def test_training_flops_of_recorded_runs(shared, rigl_run, tmp_path):
   # Five updates (counts 50..250) with the dense weight gradient: 5 · (1 - d) / (3 · 400).
   d = rigl["flops_sparse"] / rigl["flops_dense"]
   assert run_training_flops(str(rigl_dir))["ratio"] == pytest.approx(d + 5 * (1 - d) / 1200)
+
+
+def test_sparse_compute_table_pairs_runs_and_reports_per_seed_differences():
+  from experiments import sparse_compute_table as sct
+
+  pairs = sct.plan(["rigl"], [0.9], [0, 1])
+  assert [(m.name, s.name) for m, s in pairs] == [
+    ("rigl_s0.9_seed0", "rigl-sparse_s0.9_seed0"),
+    ("rigl_s0.9_seed1", "rigl-sparse_s0.9_seed1"),
+  ]
+  assert pairs[0][1].overrides == (("sparse_compute", True),)
+  with pytest.raises(ValueError, match=r"--methods: 'gmp' does not train truly sparse"):
+    sct.plan(["gmp"], [0.9], [0])
+
+  def row(acc, wall):
+    return {"method": "rigl", "sparsity": 0.9, "test_accuracy": acc, "wall_time_s": wall}
+
+  text = sct.markdown([(row(0.90, 40), row(0.91, 20)), (row(0.88, 50), row(0.86, 30))], "cmd")
+  line = next(x for x in text.splitlines() if x.startswith("| rigl |"))
+  cells = [c.strip() for c in line.strip("|").split("|")]
+  # masked 89.0 ± t(1)·std/√2 = 12.706·0.01414/1.414 = 12.7; Δ = +1, -2 -> mean -0.5.
+  assert cells[:5] == ["rigl", "0.9", "2", "89.0 ± 12.7", "88.5 ± 31.8"]
+  assert cells[5].startswith("-0.5 ± ") and cells[6] == "2.0"
+  assert cells[7:] == ["45 s", "25 s"]
