@@ -203,34 +203,46 @@ def child(args) -> None:
   if n_dev > 1:
     # Communication of one mask update of one layer, sharded along `in` or `out`.
     mesh = jax.make_mesh((n_dev,), ("x",), axis_types=(AxisType.Auto,))
-    shape = tuple(int(s) for s in args.layer.split("x"))
+    layer = tuple(int(s) for s in args.layer.split("x"))
+    conv = tuple(int(s) for s in args.conv.split("x"))
     comm = {}
-    for sname, structure in (
-      ("unstructured", sj.Unstructured()),
-      ("fan_in", sj.ConstantFanIn()),
-      ("nm24", sj.NM(2, 4)),
-    ):
+    cases = [
+      (sname, structure, layer, axis_name)
+      for sname, structure in (
+        ("unstructured", sj.Unstructured()),
+        ("fan_in", sj.ConstantFanIn()),
+        ("nm24", sj.NM(2, 4)),
+      )
+      for axis_name in ("in", "out")
+    ]
+    cases += [
+      (f"conv {sname}", structure, conv, "in")
+      for sname, structure in (("unstructured", sj.Unstructured()), ("fan_in", sj.ConstantFanIn()))
+    ]
+    for sname, structure, shape, axis_name in cases:
       sparsity = 0.5 if sname == "nm24" else 0.9
-      for axis_name, spec in (("in", P("x", None)), ("out", P(None, "x"))):
-        sh = NamedSharding(mesh, spec)
+      # sharded along `in` (second to last axis) or `out` (the last)
+      spec = [None] * len(shape)
+      spec[-2 if axis_name == "in" else -1] = "x"
+      sh = NamedSharding(mesh, P(*spec))
 
-        def update(mask, w, g, structure=structure, sparsity=sparsity):
-          n_drop = jnp.floor(jnp.sum(mask, dtype=jnp.int32) * 0.3).astype(jnp.int32)
-          ctx = sj.ScoreContext(w, g, mask, jax.random.PRNGKey(0), 0, "w", (), sparsity)
-          return structure.drop_and_grow(ctx, jnp.abs(w), jnp.abs(g), n_drop)
+      def update(mask, w, g, structure=structure, sparsity=sparsity):
+        n_drop = jnp.floor(jnp.sum(mask, dtype=jnp.int32) * 0.3).astype(jnp.int32)
+        ctx = sj.ScoreContext(w, g, mask, jax.random.PRNGKey(0), 0, "w", (), sparsity)
+        return structure.drop_and_grow(ctx, jnp.abs(w), jnp.abs(g), n_drop)
 
-        f = jax.jit(update, in_shardings=(sh, sh, sh), out_shardings=sh)
-        mask = structure.random_mask(jax.random.PRNGKey(0), shape, sparsity)
-        w = jax.random.normal(jax.random.PRNGKey(1), shape) * mask
-        g = jax.random.normal(jax.random.PRNGKey(2), shape)
-        compiled = f.lower(mask, w, g).compile()
-        counts = count_collectives(compiled.as_text())
-        args_on = [jax.device_put(a, sh) for a in (mask, w, g)]
-        t = _common.interleaved(
-          {"u": lambda c=compiled, a=args_on: _common.block(c(*a))}, rounds=args.rounds
-        )
-        comm[f"{sname}/{axis_name}"] = {**counts, "ms": _common.med(t["u"]) * 1e3}
-    results["comm"] = {"layer": list(shape), "mesh": n_dev, "structures": comm}
+      f = jax.jit(update, in_shardings=(sh, sh, sh), out_shardings=sh)
+      mask = structure.random_mask(jax.random.PRNGKey(0), shape, sparsity)
+      w = jax.random.normal(jax.random.PRNGKey(1), shape) * mask
+      g = jax.random.normal(jax.random.PRNGKey(2), shape)
+      compiled = f.lower(mask, w, g).compile()
+      counts = count_collectives(compiled.as_text())
+      args_on = [jax.device_put(a, sh) for a in (mask, w, g)]
+      t = _common.interleaved(
+        {"u": lambda c=compiled, a=args_on: _common.block(c(*a))}, rounds=args.rounds
+      )
+      comm[f"{sname}/{axis_name}"] = {**counts, "ms": _common.med(t["u"]) * 1e3}
+    results["comm"] = {"layer": list(layer), "conv": list(conv), "mesh": n_dev, "structures": comm}
   print("RESULT " + json.dumps(results), flush=True)
 
 
@@ -274,10 +286,18 @@ def main() -> None:
   ap.add_argument("--methods", default=None, help="comma list of rigl,set,srigl,rigl_nm24")
   ap.add_argument("--rounds", type=int, default=None)
   ap.add_argument("--layer", default=None, help="layer of the communication table, e.g. 1024x1024")
+  ap.add_argument("--conv", default=None, help="conv kernel of the table, e.g. 3x3x256x256")
   ap.add_argument("--devices", type=int, default=8)
   args = ap.parse_args()
   defaults = (
-    dict(sizes="128,512,512,16", batch=64, methods="rigl,srigl", rounds=7, layer="512x512")
+    dict(
+      sizes="128,512,512,16",
+      batch=64,
+      methods="rigl,srigl",
+      rounds=7,
+      layer="512x512",
+      conv="3x3x64x64",
+    )
     if args.quick
     else dict(
       sizes="512,2048,2048,16",
@@ -285,6 +305,7 @@ def main() -> None:
       methods="rigl,set,srigl,rigl_nm24",
       rounds=15,
       layer="2048x2048",
+      conv="3x3x256x256",
     )
   )
   for k, v in defaults.items():
@@ -299,6 +320,7 @@ def main() -> None:
     f"--methods={args.methods}",
     f"--rounds={args.rounds}",
     f"--layer={args.layer}",
+    f"--conv={args.conv}",
   ]
   t0 = time.perf_counter()
   load_before = _loadavg()
@@ -329,7 +351,8 @@ def main() -> None:
     print()
     print(
       f"One mask update (drop_and_grow) of a {'x'.join(map(str, comm['layer']))} [in, out] "
-      f"layer (f32 scores {comm['layer'][0] * comm['layer'][1] * 4 / 2**20:.1f} MiB) on a "
+      f"layer (f32 scores {comm['layer'][0] * comm['layer'][1] * 4 / 2**20:.1f} MiB; 'conv': a "
+      f"{'x'.join(map(str, comm['conv']))} [h, w, in, out] kernel) on a "
       f"{comm['mesh']}-device mesh: collectives in the optimized HLO (count, result bytes; one "
       "per loop body: a collective inside a loop runs once per iteration); 'in cond': inside "
       "a conditional branch"
