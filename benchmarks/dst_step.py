@@ -6,6 +6,7 @@ donated buffers as in real training, interleaved repetitions (A B C ...), median
   (a) normal step / dense step           (target <= 1.05x)
   (b) mask-update step / dense step
   (c) amortized overhead at ΔT = 100:  (99·normal + update) / (100·dense) - 1   (target <= 3%)
+  (d) the compile time of each jitted step (SRigL vs RigL in the headline)
 
 Run:  python benchmarks/dst_step.py            (about 2-4 minutes on 2 cores)
       python benchmarks/dst_step.py --quick    (smoke run)
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -105,10 +107,12 @@ def bench_model(name, model_fn, quick, rounds, last_layer):
     "rigl": sj.rigl(inner(), **kw),
     "srigl": sj.srigl(inner(), last_layer=last_layer, **kw),
   }
-  runners = {}
+  runners, compile_s = {}, {}
   for mname, tx in methods.items():
-    step = make_step(tx, apply, x, y)
     state = {"p": jax.tree.map(jnp.copy, params), "s": tx.init(params)}
+    t0 = time.perf_counter()
+    step = make_step(tx, apply, x, y).lower(state["p"], state["s"]).compile()
+    compile_s[mname] = time.perf_counter() - t0
     dst = mname != "dense"
 
     def run(count, step=step, state=state, dst=dst):
@@ -138,7 +142,10 @@ def bench_model(name, model_fn, quick, rounds, last_layer):
   dense = _common.med(normal_times["dense"])
   dense_upd = _common.med(update_times["dense"])
   print(f"\n{name}: dense step median {dense * 1e3:.2f} ms (min {min(times['dense']) * 1e3:.2f})")
-  print(f"{'method':<8} {'normal/dense':>13} {'update/dense':>13} {'amortized ΔT=100':>17}")
+  print(
+    f"{'method':<8} {'normal/dense':>13} {'update/dense':>13} {'amortized ΔT=100':>17} "
+    f"{'compile s':>10}"
+  )
   rows = {}
   for mname in methods:
     if mname == "dense":
@@ -148,9 +155,10 @@ def bench_model(name, model_fn, quick, rounds, last_layer):
       _common.med(times[f"{mname}:update"]) / dense_upd if f"{mname}:update" in times else None
     )
     amort = (99 * normal + (update if update is not None else normal)) / 100 - 1
-    rows[mname] = (normal, update, amort)
+    rows[mname] = (normal, update, amort, compile_s[mname])
     upd = f"{update:13.2f}" if update is not None else f"{'-':>13}"
-    print(f"{mname:<8} {normal:13.3f} {upd} {amort * 100:16.1f}%")
+    print(f"{mname:<8} {normal:13.3f} {upd} {amort * 100:16.1f}% {compile_s[mname]:10.2f}")
+  print(f"{'dense':<8} {'':>13} {'':>13} {'':>17} {compile_s['dense']:10.2f}")
   return rows
 
 
@@ -171,10 +179,11 @@ def main():
     rounds,
     "^dense1/",
   )
-  n, u, a = mlp["rigl"]
+  n, u, a, c = mlp["rigl"]
   print(
     f"\nheadline: MLP RigL normal step {n:.3f}x dense, update step {u:.1f}x, amortized "
-    f"overhead at ΔT=100 {a * 100:.1f}%"
+    f"overhead at ΔT=100 {a * 100:.1f}%; SRigL step compiles in {mlp['srigl'][3] / c:.2f}x "
+    "RigL's time"
   )
 
 
