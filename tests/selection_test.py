@@ -161,3 +161,44 @@ def test_selection_under_x64_matches_reference(strategy, axis, monkeypatch):
     np.testing.assert_array_equal(
       got[:, j], _reference_topk(scores[:, j].astype(np.float32), ks[j])
     )
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (12, 9), (3, 3, 4, 5)])
+def test_topk_mask_host_equals_topk_mask(shape):
+  """The host twin selects the same entries: ties by flat index, -0.0 tying +0.0, ±inf."""
+  from sparsejax._src.primitives import selection
+
+  rng = np.random.default_rng(11)
+  n = int(np.prod(shape))
+  scores = rng.integers(-3, 4, size=shape).astype(np.float32)  # many ties
+  flat = scores.reshape(-1)
+  flat[rng.random(n) < 0.2] = -0.0
+  flat[0] = np.inf if n > 1 else flat[0]
+  flat[-1] = -np.inf if n > 2 else flat[-1]
+  for k in (-1, 0, 1, n // 3, n // 2, n - 1, n, n + 5):
+    want = np.asarray(selection.topk_mask(jnp.asarray(scores), max(k, 0)))
+    got = selection.topk_mask_host(scores, k)
+    assert got.dtype == bool and got.shape == tuple(shape)
+    np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
+
+
+def test_initial_masks_are_the_same_eager_and_under_jit():
+  """tx.init selects on the host when eager (Unstructured) and in XLA under jit: same masks."""
+  import optax
+
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  params = {
+    "a": {"kernel": jax.random.normal(keys[0], (64, 48)), "bias": jnp.zeros(48)},
+    "b": {"kernel": jax.random.normal(keys[1], (3, 3, 8, 16))},
+    "c": {"kernel": jax.random.normal(keys[2], (48, 10))},
+  }
+  for tx in (
+    sj.rigl(optax.sgd(0.1), sparsity=0.9, end_step=10),
+    sj.static_sparse(optax.sgd(0.1), sparsity=0.7, distribution="uniform"),
+  ):
+    eager = jax.tree.leaves(sj.get_masks(tx.init(params)))
+    jitted = jax.tree.leaves(sj.get_masks(jax.jit(tx.init)(params)))
+    assert len(eager) == len(jitted) == 3
+    for m, j in zip(eager, jitted, strict=True):
+      assert m.dtype == j.dtype == bool and 0 < int(m.sum()) < m.size
+      np.testing.assert_array_equal(np.asarray(m), np.asarray(j))

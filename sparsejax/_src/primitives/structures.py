@@ -54,7 +54,7 @@ class Structure(Protocol):
   ) -> jax.Array: ...
 
 
-def _uniform_scores(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+def uniform_scores(key: jax.Array, shape: Sequence[int]) -> jax.Array:
   """Uniform float32 scores of ``shape``, drawn on its ``[rows, last axis]`` view.
 
   The bits are those of ``uniform(key, shape)`` (threefry counts the flat index), and a
@@ -90,7 +90,7 @@ class Unstructured:
     return selection.topk_mask(scores, self.target_nnz(scores.shape, sparsity))
 
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
-    return self.select(_uniform_scores(key, shape), sparsity)
+    return self.select(uniform_scores(key, shape), sparsity)
 
   def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
     """Layer-wise drop of the lowest ``drop_scores``, growth of the highest ``grow_scores``.
@@ -207,7 +207,7 @@ class ConstantFanIn:
     return selection.topk_mask(flat, self.fan_in(shape, sparsity), axis=0).reshape(shape)
 
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
-    scores = _uniform_scores(key, base.fan_in_shape(shape))
+    scores = uniform_scores(key, base.fan_in_shape(shape))
     return self.select(scores.reshape(tuple(shape)), sparsity)
 
   def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
@@ -301,7 +301,7 @@ class NM:
     return selection.topk_mask(grouped, self.n, axis=1).reshape(scores.shape)
 
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
-    scores = _uniform_scores(key, self._grouped(shape))
+    scores = uniform_scores(key, self._grouped(shape))
     return self.select(scores.reshape(tuple(shape)), sparsity)
 
   def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
@@ -393,7 +393,7 @@ class Block:
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
     grid = self._grid(shape)
     k = base.nnz_for_sparsity(grid[0] * grid[1], sparsity)
-    return self.from_blocks(selection.topk_mask(_uniform_scores(key, grid), k), shape)
+    return self.from_blocks(selection.topk_mask(uniform_scores(key, grid), k), shape)
 
   def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
     """The unstructured update on the block grid (block-mean scores, counts in blocks)."""

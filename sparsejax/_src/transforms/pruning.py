@@ -299,8 +299,27 @@ def initial_masks(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _random_mask(structure, key, shape, sparsity):
+def _random_mask_program(structure, key, shape, sparsity):
   return structure.random_mask(key, shape, sparsity)
+
+
+@functools.cache
+def _uniform_program(shape: tuple[int, ...]) -> Callable:
+  return jax.jit(lambda key: structures.uniform_scores(key, shape))
+
+
+def _random_mask(structure, key, shape, sparsity):
+  """``structure.random_mask(key, shape, sparsity)``, compiled once per configuration.
+
+  ``Unstructured`` with a concrete key (``tx.init`` outside ``jit``) selects on the host
+  (``selection.topk_mask_host``, the same mask): each layer shape and sparsity would
+  otherwise compile its own selection program, which costs more time and memory (~35 MB
+  of compiler memory per program) than the selection itself.
+  """
+  if type(structure) is structures.Unstructured and not isinstance(key, jax.core.Tracer):
+    scores = np.asarray(_uniform_program(tuple(shape))(key))
+    return jnp.asarray(selection.topk_mask_host(scores, structure.target_nnz(shape, sparsity)))
+  return _random_mask_program(structure, key, shape, sparsity)
 
 
 # --------------------------------------------------------------------------------------
