@@ -207,3 +207,63 @@ def test_granet_grows_with_the_given_criterion():
 
   _granet_nnz_after_update(100, grow=grow)
   assert called == ["layers_0/kernel"]
+
+
+# --- round two (mutation sample of 7bbf17b, tests/README.md) ------------------------------
+
+
+def test_exclude_keeps_the_matching_layers_dense():
+  params = {
+    "a": {"kernel": jnp.ones((16, 8))},
+    "b": {"kernel": jnp.ones((8, 8))},
+    "c": {"kernel": jnp.ones((8, 4))},
+  }
+  tx = sj.static_sparse(optax.sgd(0.1), sparsity=0.5, distribution="uniform", exclude="^b/")
+  masks = sj.get_masks(tx.init(params))
+  assert masks["b"]["kernel"] is None
+  assert int(masks["a"]["kernel"].sum()) == 64 and int(masks["c"]["kernel"].sum()) == 16
+
+
+def test_hashed_uniform_scores_are_uniform_on_0_1_and_keyed_by_flat_index():
+  from sparsejax._src.criteria.scores import hashed_uniform
+
+  key = jax.random.PRNGKey(3)
+  flat = np.asarray(hashed_uniform(key, (4096,)))
+  assert flat.dtype == np.float32 and flat.min() >= 0.0 and flat.max() < 1.0
+  assert flat.min() < 0.01 and flat.max() > 0.99 and abs(flat.mean() - 0.5) < 0.02
+  # Entry i of any shape hashes its flat (row-major) index i: a 4-D kernel's scores are
+  # the flat draw reshaped, so no two entries share a hash input.
+  np.testing.assert_array_equal(
+    np.asarray(hashed_uniform(key, (4, 4, 16, 16))), flat.reshape(4, 4, 16, 16)
+  )
+  np.testing.assert_array_equal(np.asarray(hashed_uniform(key, (64, 64))), flat.reshape(64, 64))
+
+
+def test_no_neuron_is_ablated_in_a_layer_that_keeps_every_weight():
+  w = jax.random.normal(jax.random.PRNGKey(0), (6, 4))
+  ablated = sj.primitives.neurons_to_ablate(w, w, 24, 0, 0.0, 0.9)
+  assert ablated.shape == (4,) and not bool(ablated.any())
+
+
+def test_drop_and_grow_names_n_grow_when_it_is_not_an_integer():
+  mask = jnp.array([True, True, False, False])
+  s = jnp.arange(4.0)
+  with pytest.raises(TypeError, match=r"`n_grow`"):
+    sj.primitives.drop_and_grow(mask, s, s, 1, n_grow=1.5)
+
+
+def test_nm_names_m_when_it_is_invalid():
+  with pytest.raises(ValueError, match=r"^`m` must be >= 1"):
+    sj.NM(1, 0)
+  with pytest.raises(TypeError, match=r"^`m` must be an int"):
+    sj.NM(1, 2.0)
+
+
+def test_a_schedule_target_equal_to_nnz_with_no_swap_leaves_the_mask_unchanged():
+  """Under a sparsity schedule, nnz == target and n_drop == 0 must change nothing."""
+  mask = jnp.array([[True, False, True], [False, True, False]])
+  w = jnp.array([[0.1, 0.0, 2.0], [0.0, 3.0, 0.0]])
+  g = jnp.array([[1.0, 9.0, 1.0], [8.0, 1.0, 7.0]])
+  ctx = sj.ScoreContext(w, g, mask, jax.random.PRNGKey(0), 0, "w", (), 0.5, target_nnz=3)
+  new = sj.Unstructured().drop_and_grow(ctx, jnp.abs(w), jnp.abs(g), 0)
+  np.testing.assert_array_equal(np.asarray(new), np.asarray(mask))
