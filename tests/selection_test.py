@@ -166,7 +166,7 @@ def test_selection_under_x64_matches_reference(strategy, axis, monkeypatch):
 @pytest.mark.parametrize("shape", [(1,), (7,), (12, 9), (3, 3, 4, 5)])
 def test_topk_mask_host_equals_topk_mask(shape):
   """The host twin selects the same entries: ties by flat index, -0.0 tying +0.0, ±inf."""
-  from sparsejax._src.primitives import selection
+  from sparsejax._src.primitives import host_selection, selection
 
   rng = np.random.default_rng(11)
   n = int(np.prod(shape))
@@ -177,7 +177,7 @@ def test_topk_mask_host_equals_topk_mask(shape):
   flat[-1] = -np.inf if n > 2 else flat[-1]
   for k in (-1, 0, 1, n // 3, n // 2, n - 1, n, n + 5):
     want = np.asarray(selection.topk_mask(jnp.asarray(scores), max(k, 0)))
-    got = selection.topk_mask_host(scores, k)
+    got = host_selection.topk_mask_host(scores, k)
     assert got.dtype == bool and got.shape == tuple(shape)
     np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
 

@@ -25,7 +25,7 @@ import optax
 from sparsejax._src import base, tree
 from sparsejax._src.allocation import plan as plan_lib
 from sparsejax._src.criteria import scores as criteria
-from sparsejax._src.primitives import selection, structures
+from sparsejax._src.primitives import host_selection, selection, structures
 
 # Criteria that read the gradient: prune() needs `grads` for them.
 _NEEDS_GRADS = frozenset({"snip", "gradient", "gradient_magnitude"})
@@ -312,13 +312,13 @@ def _random_mask(structure, key, shape, sparsity):
   """``structure.random_mask(key, shape, sparsity)``, compiled once per configuration.
 
   ``Unstructured`` with a concrete key (``tx.init`` outside ``jit``) selects on the host
-  (``selection.topk_mask_host``, the same mask): each layer shape and sparsity would
+  (``host_selection.topk_mask_host``, the same mask): each layer shape and sparsity would
   otherwise compile its own selection program, which costs more time and memory (~35 MB
   of compiler memory per program) than the selection itself.
   """
   if type(structure) is structures.Unstructured and not isinstance(key, jax.core.Tracer):
     scores = np.asarray(_uniform_program(tuple(shape))(key))
-    return jnp.asarray(selection.topk_mask_host(scores, structure.target_nnz(shape, sparsity)))
+    return jnp.asarray(host_selection.topk_mask_host(scores, structure.target_nnz(shape, sparsity)))
   return _random_mask_program(structure, key, shape, sparsity)
 
 
