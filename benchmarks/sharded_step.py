@@ -201,49 +201,64 @@ def child(args) -> None:
     print(f"[{n_dev} dev] {name}: done", file=sys.stderr, flush=True)
 
   if n_dev > 1:
-    # Communication of one mask update of one layer, sharded along `in` or `out`.
-    mesh = jax.make_mesh((n_dev,), ("x",), axis_types=(AxisType.Auto,))
-    layer = tuple(int(s) for s in args.layer.split("x"))
-    conv = tuple(int(s) for s in args.conv.split("x"))
-    comm = {}
-    cases = [
-      (sname, structure, layer, axis_name)
-      for sname, structure in (
-        ("unstructured", sj.Unstructured()),
-        ("fan_in", sj.ConstantFanIn()),
-        ("nm24", sj.NM(2, 4)),
-      )
-      for axis_name in ("in", "out")
-    ]
-    cases += [
-      (f"conv {sname}", structure, conv, "in")
-      for sname, structure in (("unstructured", sj.Unstructured()), ("fan_in", sj.ConstantFanIn()))
-    ]
-    for sname, structure, shape, axis_name in cases:
-      sparsity = 0.5 if sname == "nm24" else 0.9
-      # sharded along `in` (second to last axis) or `out` (the last)
-      spec = [None] * len(shape)
-      spec[-2 if axis_name == "in" else -1] = "x"
-      sh = NamedSharding(mesh, P(*spec))
-
-      def update(mask, w, g, structure=structure, sparsity=sparsity):
-        n_drop = jnp.floor(jnp.sum(mask, dtype=jnp.int32) * 0.3).astype(jnp.int32)
-        ctx = sj.ScoreContext(w, g, mask, jax.random.PRNGKey(0), 0, "w", (), sparsity)
-        return structure.drop_and_grow(ctx, jnp.abs(w), jnp.abs(g), n_drop)
-
-      f = jax.jit(update, in_shardings=(sh, sh, sh), out_shardings=sh)
-      mask = structure.random_mask(jax.random.PRNGKey(0), shape, sparsity)
-      w = jax.random.normal(jax.random.PRNGKey(1), shape) * mask
-      g = jax.random.normal(jax.random.PRNGKey(2), shape)
-      compiled = f.lower(mask, w, g).compile()
-      counts = count_collectives(compiled.as_text())
-      args_on = [jax.device_put(a, sh) for a in (mask, w, g)]
-      t = _common.interleaved(
-        {"u": lambda c=compiled, a=args_on: _common.block(c(*a))}, rounds=args.rounds
-      )
-      comm[f"{sname}/{axis_name}"] = {**counts, "ms": _common.med(t["u"]) * 1e3}
-    results["comm"] = {"layer": list(layer), "conv": list(conv), "mesh": n_dev, "structures": comm}
+    results["comm"] = communication(args, n_dev)
   print("RESULT " + json.dumps(results), flush=True)
+
+
+def communication(args, n_dev: int) -> dict:
+  """Collectives and time of one mask update of one layer, sharded along `in` or `out`.
+
+  Runs in the child (imports after the parent set the device count).
+  """
+  import _common
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  import sparsejax as sj
+
+  mesh = jax.make_mesh((n_dev,), ("x",), axis_types=(AxisType.Auto,))
+  layer = tuple(int(s) for s in args.layer.split("x"))
+  conv = tuple(int(s) for s in args.conv.split("x"))
+  comm = {}
+  cases = [
+    (sname, structure, layer, axis_name)
+    for sname, structure in (
+      ("unstructured", sj.Unstructured()),
+      ("fan_in", sj.ConstantFanIn()),
+      ("nm24", sj.NM(2, 4)),
+    )
+    for axis_name in ("in", "out")
+  ]
+  cases += [
+    (f"conv {sname}", structure, conv, "in")
+    for sname, structure in (("unstructured", sj.Unstructured()), ("fan_in", sj.ConstantFanIn()))
+  ]
+  for sname, structure, shape, axis_name in cases:
+    sparsity = 0.5 if sname == "nm24" else 0.9
+    # sharded along `in` (second to last axis) or `out` (the last)
+    spec = [None] * len(shape)
+    spec[-2 if axis_name == "in" else -1] = "x"
+    sh = NamedSharding(mesh, P(*spec))
+
+    def update(mask, w, g, structure=structure, sparsity=sparsity):
+      n_drop = jnp.floor(jnp.sum(mask, dtype=jnp.int32) * 0.3).astype(jnp.int32)
+      ctx = sj.ScoreContext(w, g, mask, jax.random.PRNGKey(0), 0, "w", (), sparsity)
+      return structure.drop_and_grow(ctx, jnp.abs(w), jnp.abs(g), n_drop)
+
+    f = jax.jit(update, in_shardings=(sh, sh, sh), out_shardings=sh)
+    mask = structure.random_mask(jax.random.PRNGKey(0), shape, sparsity)
+    w = jax.random.normal(jax.random.PRNGKey(1), shape) * mask
+    g = jax.random.normal(jax.random.PRNGKey(2), shape)
+    compiled = f.lower(mask, w, g).compile()
+    counts = count_collectives(compiled.as_text())
+    args_on = [jax.device_put(a, sh) for a in (mask, w, g)]
+    t = _common.interleaved(
+      {"u": lambda c=compiled, a=args_on: _common.block(c(*a))}, rounds=args.rounds
+    )
+    comm[f"{sname}/{axis_name}"] = {**counts, "ms": _common.med(t["u"]) * 1e3}
+  return {"layer": list(layer), "conv": list(conv), "mesh": n_dev, "structures": comm}
 
 
 # ----------------------------------------------------------------------------------------

@@ -17,11 +17,11 @@ What is asserted:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import _multihost as mh
 import jax
 import numpy as np
 import pytest
@@ -36,11 +36,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module", name="runs")
 def fixture_runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("mesh_runs")
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), env.get("PYTHONPATH", "")])
+  env = mh.child_env(8)
   proc = subprocess.run(
     [sys.executable, str(_CHILD), str(root)],
     env=env,

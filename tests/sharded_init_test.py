@@ -19,11 +19,11 @@ static global (cross-layer) ranking:
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import _multihost as mh
 import pytest
 
 _CHILD = Path(__file__).with_name("_sharded_init_child.py")
@@ -34,11 +34,7 @@ _METHODS = ("rigl", "srigl", "rigl_nm24", "static_global")
 
 @pytest.fixture(scope="module", name="records")
 def fixture_records():
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), env.get("PYTHONPATH", "")])
+  env = mh.child_env(8)
   proc = subprocess.run(
     [sys.executable, str(_CHILD)], env=env, cwd=_ROOT, capture_output=True, text=True, timeout=1200
   )

@@ -23,11 +23,11 @@ What "identical" means here (see the child's docstring and docs/SHARDING.md):
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import _multihost as mh
 import jax
 import jax.numpy as jnp
 import optax
@@ -48,11 +48,7 @@ _TIMEOUT_S = 900
 
 
 def _child_env(cache_dir: str) -> dict[str, str]:
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
-  env["JAX_PLATFORMS"] = "cpu"
-  env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), env.get("PYTHONPATH", "")])
+  env = mh.child_env(8)
   # Identical programs (RigL's and SET's init) compile once; a warm cache only skips
   # compilation of byte-identical HLO, it changes no result.
   env.setdefault("JAX_COMPILATION_CACHE_DIR", cache_dir)
