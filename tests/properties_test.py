@@ -170,25 +170,25 @@ def _topk_fn(shape, axis, strategy):
   fn = jax.jit(lambda s, k, c: sj.primitives.topk_mask(s, k, axis=axis, candidates=c))
   if strategy == "default":
     return fn
-  pairwise, bins = {
-    "rank": (10**9, 0),
-    "histogram16": (0, 10**9),
-    "histogram8": (0, 256 * max(1, int(np.prod(shape)) // shape[axis or 0])),
-    "bits": (0, 0),
+  pairwise, histogram_above = {
+    "rank": (10**9, 10**9),
+    "histogram16": (0, 0),  # whole-array selections only; per-slice ones count
+    "bits": (0, 10**9),
   }[strategy]
 
   def forced(*args):  # traced (once) with the strategy thresholds patched
     with (
       mock.patch.object(selection, "_PAIRWISE_MAX", pairwise),
-      mock.patch.object(selection, "_HISTOGRAM_MAX_BINS", bins),
+      mock.patch.object(selection, "_HISTOGRAM_ABOVE", histogram_above),
     ):
       return fn(*args)
 
   return forced
 
 
-# (shape, axis): axis None selects over the flattened array (rank for <= 16 entries, a
-# 16-bit histogram above); an axis selects per slice with per-slice counts.
+# (shape, axis): axis None selects over the flattened array (rank for <= 16 entries,
+# counting passes above; "histogram16" forces the large-array histograms); an axis selects
+# per slice with per-slice counts.
 _TOPK_CASES = [((1,), None), ((7,), None), ((5, 6), None), ((3, 4, 5), None)]
 _TOPK_CASES += [((6, 9), 0), ((6, 9), 1), ((2, 3, 20), 2)]
 
@@ -238,7 +238,7 @@ _STRATEGY_CASES = [((6, 9), None), ((6, 9), 1)]
 @_settings(40)
 @given(
   _topk_inputs(_STRATEGY_CASES),
-  st.sampled_from(["rank", "histogram16", "histogram8", "bits"]),
+  st.sampled_from(["rank", "histogram16", "bits"]),
 )
 def test_topk_every_selection_strategy(inputs, strategy):
   scores, k, axis, candidates = inputs

@@ -10,18 +10,22 @@ never a sort. The strategy is chosen statically from the shapes:
 
 * short slices (N:M groups, ``len <= 16``): each entry is ranked by pairwise comparison
   with the other entries of its slice (``len`` elementwise passes);
-* otherwise, when the bins fit (at most ``2**20`` per pass): 16-bit (up to 16 slices),
-  8-bit or 4-bit histogram passes (two, four or eight scatter-adds into ``2**16``, 256 or
-  16 bins per slice) find the k-th largest key exactly;
-* otherwise: a 32-step bitwise binary search of counting passes.
+* a whole array of at least ``2**16`` entries: two 16-bit histogram passes (scatter-adds
+  into ``2**16`` bins) find the k-th largest key exactly;
+* per-slice selections (per neuron) and small arrays: a 32-step bitwise binary search of
+  counting passes (a vectorised comparison and a sum per pass; on the CPU several times
+  cheaper than per-slice histograms, whose scatter-adds run one entry at a time).
 
-Ties at the threshold are broken by index: the pass that writes the mask ranks the tied
-entries with a running count (the lowest indices win). Large arrays are processed in row
-chunks of about 64K entries (``fori_loop``\ s of histogram scatter-adds, then of mask
-writes), so a selection's temporaries stay a few hundred KiB whatever the layer size: no
-full copy of the keys, bins or a cumulative sum is materialised, and the program holds one
-radix-pass body and one write body per selection. Cost is O(n) per selection with no ``n log n`` sort, which is what makes
-mask updates of 4096² layers cheap (see ``benchmarks/mask_update.py``).
+Ties at the threshold are broken by index: when some entries tied at a threshold must be
+left out, the pass that writes the mask ranks the tied entries with a running count (the
+lowest indices win); otherwise it is one comparison with the threshold. Large arrays are
+processed in column chunks (about 64K entries for histogram passes, at least 64 columns for
+per-slice counting passes: ``fori_loop``\ s of passes, then of mask writes), so a
+selection's temporaries stay a few MiB at most whatever the layer size: no full copy of
+the keys, bins or a cumulative sum is materialised, and the program holds one pass body
+and one write body per selection. Cost is O(n) per selection with no ``n log n`` sort,
+which is what makes mask updates of 4096² layers cheap (see
+``benchmarks/mask_update.py``).
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ _SIGN_BIT = np.uint32(0x80000000)  # NumPy: importing must not start a JAX backe
 
 # Static strategy thresholds (see topk_mask).
 _PAIRWISE_MAX = 16
-# At most 2**20 int32 histogram bins (4 MiB) per pass: 16-bit digits for up to 16 slices,
-# then 8-bit (4096 slices), then 4-bit (65536 slices), then counting passes.
-_HISTOGRAM_MAX_BINS = 1 << 20
-# Arrays above this many entries are processed in row chunks of about _CHUNK entries.
+# Whole-array selections of at least this many entries use 16-bit histogram passes; smaller
+# arrays and per-slice selections use counting passes (benchmarks/RESULTS.md, 2026-11-30).
+_HISTOGRAM_ABOVE = 1 << 16
+# Arrays above this many entries are processed in column chunks of about _CHUNK entries;
+# counting passes reduce down the columns and take chunks of at least _MIN_COUNT_COLS.
 _CHUNK = 1 << 16
 _CHUNK_ABOVE = 1 << 17
+_MIN_COUNT_COLS = 64
 _MAX_CHUNKS = 4096
 
 
@@ -148,10 +154,10 @@ def _select_by_rank(keys: jax.Array, k: jax.Array, axis: int) -> jax.Array:
   return (keys != 0) & (rank < k)
 
 
-def _chunk_cols(n_rows: int, n_cols: int) -> int:
+def _chunk_cols(n_rows: int, n_cols: int, min_cols: int = 1) -> int:
   """Columns per chunk: all columns for small arrays, else the largest divisor of
-  ``n_cols`` with at most ``_CHUNK`` entries per chunk (at least one column; all columns
-  when that would need too many chunks).
+  ``n_cols`` with at most ``_CHUNK`` entries (or ``min_cols`` columns) per chunk (at least
+  one column; all columns when that would need too many chunks).
 
   Chunks are column blocks so that a kernel sharded along its rows (FSDP along the input
   axis, the layout ``sj.sharding.fsdp_param_specs`` picks) keeps every chunk local: a
@@ -160,7 +166,7 @@ def _chunk_cols(n_rows: int, n_cols: int) -> int:
   if n_rows * n_cols <= _CHUNK_ABOVE:
     return n_cols
   best = 1
-  for c in range(1, max(1, _CHUNK // max(n_rows, 1)) + 1):
+  for c in range(1, max(1, min_cols, _CHUNK // max(n_rows, 1)) + 1):
     if n_cols % c == 0:
       best = c
   return best if n_cols // best <= _MAX_CHUNKS else n_cols
@@ -225,11 +231,14 @@ def _select_2d(
   array (``per_column=False``, ``k`` is ``[1, 1]``, ties by row-major flat index).
 
   Loops over column chunks: the radix passes find each group's threshold key, then one
-  pass writes the mask, ranking the entries tied at the threshold by index with running
-  counts (so ties need no extra radix passes and no full-size cumulative sum).
+  pass writes the mask. When every entry tied at a threshold is selected (the usual case
+  for real-valued scores) that pass is a single comparison; otherwise (a conditional) it
+  ranks the tied entries by index with running counts, so ties need no extra radix passes
+  and no full-size cumulative sum.
   """
   n_rows, n_cols = scores.shape
-  cols = _chunk_cols(n_rows, n_cols)
+  by_histogram = not per_column and n_rows * n_cols >= _HISTOGRAM_ABOVE
+  cols = _chunk_cols(n_rows, n_cols, 1 if by_histogram else _MIN_COUNT_COLS)
   n_chunks = n_cols // cols
 
   def chunk(i):
@@ -240,9 +249,38 @@ def _select_2d(
       return keys
     return jnp.where(_col_slice(candidates, i, cols), keys, jnp.uint32(0))
 
-  threshold, n_above, _ = _radix_threshold(chunk, n_chunks, cols, k, per_column)
+  if by_histogram:
+    threshold, n_above, n_at = _threshold_by_histogram(chunk, n_chunks, k)
+  else:
+    threshold, n_above, n_at = _threshold_by_bits(chunk, n_chunks, cols, k, per_column)
   need = k - n_above  # how many of the entries tied at the threshold are selected
   tie_valid = (threshold != 0) & (k >= 1)
+
+  def take_all_ties() -> jax.Array:
+    # Every entry tied at the threshold is selected (n_at == need): one elementwise pass.
+    keys = chunk(0) if n_chunks == 1 else _full_keys(scores, candidates)
+    return (keys > threshold) | ((keys == threshold) & tie_valid)
+
+  def rank_ties() -> jax.Array:
+    return _write_ranked(
+      chunk, n_chunks, cols, scores.shape, threshold, need, tie_valid, per_column
+    )
+
+  # Real-valued scores rarely tie at the threshold: the running-count tie ranking (a
+  # cumulative sum per chunk, most of a selection's cost) runs only when some group must
+  # choose among tied entries.
+  partial_ties = jnp.any(tie_valid & (n_at > need))
+  return lax.cond(partial_ties, rank_ties, take_all_ties)
+
+
+def _full_keys(scores: jax.Array, candidates: jax.Array | None) -> jax.Array:
+  keys = _ordered_keys(scores)
+  return keys if candidates is None else jnp.where(candidates, keys, jnp.uint32(0))
+
+
+def _write_ranked(chunk, n_chunks, cols, shape, threshold, need, tie_valid, per_column):
+  """The selected mask, tied entries ranked by index with running counts (chunk by chunk)."""
+  n_rows = shape[0]
 
   def tied_in(i, keys):
     if per_column:
@@ -276,62 +314,39 @@ def _select_2d(
       return selected, seen
     return lax.dynamic_update_slice_in_dim(out, selected, i * cols, 1), seen
 
-  init = (jnp.zeros(scores.shape, bool), jnp.zeros((n_rows, 1), jnp.int32))
+  init = (jnp.zeros(shape, bool), jnp.zeros((n_rows, 1), jnp.int32))
   out, _ = _for_chunks(n_chunks, write, init)
   return out
 
 
-def _radix_threshold(chunk: Callable, n_chunks: int, cols: int, k: jax.Array, per_column: bool):
-  """The ``k``-th largest key of every column (or of all), from keys given chunk by chunk.
+def _threshold_by_histogram(chunk: Callable, n_chunks: int, k: jax.Array):
+  """The ``k``-th largest key of a whole array with two 16-bit histogram passes.
 
-  ``chunk(i)`` returns the uint32 keys ``[L, cols]`` of column chunk ``i`` (0 = not a
-  candidate). Returns ``(threshold, n_above, n_at)``, each shaped like ``k``
-  (``[1, G]``, or ``[1, 1]`` when not ``per_column``): ``threshold`` is 0 when ``k``
-  exceeds the number of candidates (everything above 0, i.e. every candidate, is then
-  selected) and ``0xFFFFFFFF`` when ``k <= 0`` (nothing is above it).
+  ``chunk(i)`` returns the uint32 keys of column chunk ``i`` (0 = not a candidate); ``k``
+  is ``[1, 1]``. Both passes run in one ``fori_loop`` over the digit position (the first
+  also counts the candidates), so the program holds one pass body.
+
+  Returns ``(threshold, n_above, n_at)``, each shaped like ``k``: ``threshold`` is 0 when
+  ``k`` exceeds the number of candidates (everything above 0, i.e. every candidate, is
+  then selected) and ``0xFFFFFFFF`` when ``k <= 0`` (nothing is above it); ``n_at`` counts
+  the candidates equal to a valid threshold.
   """
-  n_groups = k.shape[-1]
-  for width in (16, 8, 4):
-    if n_groups * (1 << width) <= _HISTOGRAM_MAX_BINS:
-      return _threshold_by_histogram(chunk, n_chunks, cols, k, width, per_column)
-  return _threshold_by_bits(chunk, n_chunks, cols, k, per_column)
-
-
-def _threshold_by_histogram(
-  chunk: Callable, n_chunks: int, cols: int, k: jax.Array, width: int, per_column: bool
-):
-  """Radix select with ``width``-bit histogram passes (``32 // width`` scatter-adds).
-
-  All passes run in one ``fori_loop`` over the digit position (the first also counts the
-  candidates), so the program holds one pass body whatever the digit width.
-  """
-  n_groups = k.shape[-1]
-  n_bins = 1 << width
+  width, n_bins = 16, 1 << 16
 
   def one_pass(d, carry):
     prefix, need, total, _ = carry
     first = d == 0
-    shift = (jnp.uint32(32) - jnp.uint32(width) * (d + 1).astype(jnp.uint32)).astype(jnp.uint32)
-    high = shift + jnp.uint32(width)  # 32 on the first pass: unused there
+    shift = jnp.where(first, jnp.uint32(16), jnp.uint32(0))
 
     def add_chunk(i, hist):
       keys = chunk(i)
       digit = (keys >> shift) & jnp.uint32(n_bins - 1)
-      if per_column:
-        match_prefix = _col_slice(prefix, i, cols)
-      else:
-        match_prefix = prefix
-      match = jnp.where(first, keys != 0, (keys >> high) == (match_prefix >> high))
-      bins = digit.astype(jnp.int32)
-      if per_column:
-        col = i * cols + lax.broadcasted_iota(jnp.int32, keys.shape, 1)
-        bins = col * n_bins + bins
-      return hist.at[bins.reshape(-1)].add(
+      match = jnp.where(first, keys != 0, (keys >> width) == (prefix >> width))
+      return hist.at[digit.astype(jnp.int32).reshape(-1)].add(
         match.reshape(-1).astype(jnp.int32), mode="promise_in_bounds"
       )
 
-    hist = _for_chunks(n_chunks, add_chunk, jnp.zeros((n_groups * n_bins,), jnp.int32))
-    hist = hist.reshape(1, n_groups, n_bins)
+    hist = _for_chunks(n_chunks, add_chunk, jnp.zeros((n_bins,), jnp.int32)).reshape(1, 1, -1)
     total = jnp.where(first, jnp.sum(hist, axis=-1, dtype=jnp.int32), total)
     need = jnp.where(first, jnp.clip(need, 0, total), need)
     # at_least[v] = count(digit >= v) among matching entries (non-increasing in v).
@@ -344,7 +359,7 @@ def _threshold_by_histogram(
 
   zeros = jnp.zeros(k.shape, jnp.int32)
   init = (jnp.zeros(k.shape, jnp.uint32), k, zeros, zeros)
-  prefix, need, total, n_at = lax.fori_loop(0, 32 // width, one_pass, init)
+  prefix, need, total, n_at = lax.fori_loop(0, 2, one_pass, init)
   valid = (k >= 1) & (total >= k)
   # k <= 0: nothing is above the largest key; k > total: every candidate is above 0.
   threshold = jnp.where(valid, prefix, jnp.where(k >= 1, jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
@@ -354,30 +369,41 @@ def _threshold_by_histogram(
 
 
 def _threshold_by_bits(chunk: Callable, n_chunks: int, cols: int, k: jax.Array, per_column: bool):
-  """k-th largest key per column with 32 counting passes (bitwise binary search)."""
+  """The ``k``-th largest key of every column (``k`` ``[1, G]``) or of all (``[1, 1]``)
+  with 32 counting passes (a bitwise binary search), then one pass counting the keys
+  above and at the threshold.
 
-  def count(predicate, ref) -> jax.Array:
-    """Per column (or total) count of ``predicate(keys, ref)``; ``ref`` is ``[1, G]``."""
+  Returns ``(threshold, n_above, n_at)``, each shaped like ``k``: ``threshold`` is 0 when
+  ``k`` exceeds the number of candidates (everything above 0, i.e. every candidate, is
+  then selected) and ``0xFFFFFFFF`` when ``k <= 0`` (nothing is above it); ``n_at`` counts
+  the candidates equal to a valid threshold.
+  """
+
+  def count(predicate, ref, n_out: int) -> tuple[jax.Array, ...]:
+    """Per column (or total) counts of ``predicate(keys, ref)`` (a tuple of ``n_out``
+    bool arrays); ``ref`` is shaped like ``k``."""
 
     def add(i, acc):
       keys = chunk(i)
       if not per_column:
-        return acc + jnp.sum(predicate(keys, ref), dtype=jnp.int32).reshape(1, 1)
-      part = jnp.sum(
-        predicate(keys, _col_slice(ref, i, cols)), axis=0, keepdims=True, dtype=jnp.int32
-      )
-      return part if n_chunks == 1 else lax.dynamic_update_slice_in_dim(acc, part, i * cols, 1)
+        hits = predicate(keys, ref)
+        return tuple(a + jnp.sum(h, dtype=jnp.int32).reshape(1, 1) for a, h in zip(acc, hits))
+      hits = predicate(keys, _col_slice(ref, i, cols))
+      parts = [jnp.sum(h, axis=0, keepdims=True, dtype=jnp.int32) for h in hits]
+      if n_chunks == 1:
+        return tuple(parts)
+      return tuple(lax.dynamic_update_slice_in_dim(a, p, i * cols, 1) for a, p in zip(acc, parts))
 
-    return _for_chunks(n_chunks, add, jnp.zeros(k.shape, jnp.int32))
+    return _for_chunks(n_chunks, add, (jnp.zeros(k.shape, jnp.int32),) * n_out)
 
   def body(i, threshold):
     bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
     trial = threshold | bit
-    return jnp.where(count(lambda keys, t: keys >= t, trial) >= k, trial, threshold)
+    (n_at_least,) = count(lambda keys, t: (keys >= t,), trial, 1)
+    return jnp.where(n_at_least >= k, trial, threshold)
 
   threshold = lax.fori_loop(0, 32, body, jnp.zeros(k.shape, jnp.uint32))
-  n_above = count(lambda keys, t: keys > t, threshold)
-  n_at = count(lambda keys, t: (keys == t) & (t != 0), threshold)
+  n_above, n_at = count(lambda keys, t: (keys > t, (keys == t) & (t != 0)), threshold, 2)
   return threshold, n_above, n_at
 
 
