@@ -479,9 +479,9 @@ def grouped_drop_and_grow(
     per_group: target count per group: a scalar or an int array with ``axis`` reduced
       to size 1 (0 for a group that must become empty, e.g. an ablated neuron).
     axis: the group axis.
-    cap: cut over-full groups to ``per_group``. Pass False only when no group can hold
-      more than ``per_group`` kept entries (e.g. a fixed N:M or fan-in count): it saves
-      one selection pass.
+    cap: cut over-full groups to ``per_group`` (a per-group selection, run only when some
+      group is over-full). Pass False only when no group can hold more than ``per_group``
+      kept entries (e.g. a fixed N:M or fan-in count).
     eligible: optional bool array (broadcastable to ``mask``): only eligible active
       entries may be kept (e.g. not in an ablated neuron); the others are dropped first.
 
@@ -494,8 +494,16 @@ def grouped_drop_and_grow(
   n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
   keepable = mask if eligible is None else mask & eligible
   kept = topk_mask(drop_scores, nnz - n_drop, candidates=keepable)
-  if cap:
-    kept = topk_mask(drop_scores, per_group, axis=axis, candidates=kept)
   n_kept = count_true(kept, axis=axis)
+  if cap:
+    per_group = jnp.asarray(per_group, jnp.int32)
+    # Usually no group is over-full (k shrinks only when a neuron revives): the per-group
+    # selection runs only when one is.
+    kept = lax.cond(
+      jnp.any(n_kept > per_group),
+      lambda: topk_mask(drop_scores, per_group, axis=axis, candidates=kept),
+      lambda: kept,
+    )
+    n_kept = jnp.minimum(n_kept, jnp.maximum(per_group, 0))
   grown = topk_mask(grow_scores, per_group - n_kept, axis=axis, candidates=~kept)
   return kept | grown, kept
