@@ -109,6 +109,7 @@ def test_every_selection_strategy_matches_reference(strategy, axis, chunked, mon
       pytest.skip("short slices are ranked pairwise, never chunked")
     monkeypatch.setattr(selection, "_CHUNK_ABOVE", 0)
     monkeypatch.setattr(selection, "_CHUNK", 27)
+    monkeypatch.setattr(selection, "_COUNT_CHUNK", 27)
     monkeypatch.setattr(selection, "_MIN_COUNT_COLS", 1)
   if strategy == "histogram16" and axis is not None:
     pytest.skip("per-slice selections always use counting passes")
@@ -144,6 +145,7 @@ def test_selection_under_x64_matches_reference(strategy, axis, monkeypatch):
 
   monkeypatch.setattr(selection, "_CHUNK_ABOVE", 0)  # chunked: loops carry the counts
   monkeypatch.setattr(selection, "_CHUNK", 27)
+  monkeypatch.setattr(selection, "_COUNT_CHUNK", 27)
   monkeypatch.setattr(selection, "_MIN_COUNT_COLS", 1)
   monkeypatch.setattr(selection, "_PAIRWISE_MAX", 0)
   monkeypatch.setattr(selection, "_HISTOGRAM_ABOVE", 0 if strategy == "histogram16" else 10**9)

@@ -19,8 +19,8 @@ never a sort. The strategy is chosen statically from the shapes:
 Ties at the threshold are broken by index: when some entries tied at a threshold must be
 left out, the pass that writes the mask ranks the tied entries with a running count (the
 lowest indices win); otherwise it is one comparison with the threshold. Large arrays are
-processed in column chunks (about 64K entries for histogram passes, at least 64 columns for
-per-slice counting passes: ``fori_loop``\ s of passes, then of mask writes), so a
+processed in column chunks (about 256K entries for histogram passes, 64K entries and at
+least 64 columns for counting passes: ``fori_loop``\ s of passes, then of mask writes), so a
 selection's temporaries stay a few MiB at most whatever the layer size: no full copy of
 the keys, bins or a cumulative sum is materialised, and the program holds one pass body
 and one write body per selection. Cost is O(n) per selection with no ``n log n`` sort,
@@ -44,10 +44,13 @@ _PAIRWISE_MAX = 16
 # Whole-array selections of at least this many entries use 16-bit histogram passes; smaller
 # arrays and per-slice selections use counting passes (benchmarks/RESULTS.md, 2026-11-30).
 _HISTOGRAM_ABOVE = 1 << 16
-# Arrays above this many entries are processed in column chunks of about _CHUNK entries;
-# counting passes reduce down the columns and take chunks of at least _MIN_COUNT_COLS.
-_CHUNK = 1 << 16
-_CHUNK_ABOVE = 1 << 17
+# Arrays above _CHUNK_ABOVE entries are processed in column chunks of about _CHUNK entries
+# (histogram passes) or _COUNT_CHUNK entries and at least _MIN_COUNT_COLS columns (counting
+# passes, which reduce down the columns): the update's temporaries stay a few MiB, since
+# XLA:CPU maps a step's temp buffer above 32 MiB afresh on every step.
+_CHUNK = 1 << 18
+_CHUNK_ABOVE = 1 << 18
+_COUNT_CHUNK = 1 << 16
 _MIN_COUNT_COLS = 64
 _MAX_CHUNKS = 4096
 
@@ -154,10 +157,10 @@ def _select_by_rank(keys: jax.Array, k: jax.Array, axis: int) -> jax.Array:
   return (keys != 0) & (rank < k)
 
 
-def _chunk_cols(n_rows: int, n_cols: int, min_cols: int = 1) -> int:
+def _chunk_cols(n_rows: int, n_cols: int, chunk: int | None = None, min_cols: int = 1) -> int:
   """Columns per chunk: all columns for small arrays, else the largest divisor of
-  ``n_cols`` with at most ``_CHUNK`` entries (or ``min_cols`` columns) per chunk (at least
-  one column; all columns when that would need too many chunks).
+  ``n_cols`` with at most ``chunk`` (default ``_CHUNK``) entries or ``min_cols`` columns
+  per chunk (at least one column; all columns when that would need too many chunks).
 
   Chunks are column blocks so that a kernel sharded along its rows (FSDP along the input
   axis, the layout ``sj.sharding.fsdp_param_specs`` picks) keeps every chunk local: a
@@ -166,7 +169,8 @@ def _chunk_cols(n_rows: int, n_cols: int, min_cols: int = 1) -> int:
   if n_rows * n_cols <= _CHUNK_ABOVE:
     return n_cols
   best = 1
-  for c in range(1, max(1, min_cols, _CHUNK // max(n_rows, 1)) + 1):
+  chunk = _CHUNK if chunk is None else chunk
+  for c in range(1, max(1, min_cols, chunk // max(n_rows, 1)) + 1):
     if n_cols % c == 0:
       best = c
   return best if n_cols // best <= _MAX_CHUNKS else n_cols
@@ -238,7 +242,10 @@ def _select_2d(
   """
   n_rows, n_cols = scores.shape
   by_histogram = not per_column and n_rows * n_cols >= _HISTOGRAM_ABOVE
-  cols = _chunk_cols(n_rows, n_cols, 1 if by_histogram else _MIN_COUNT_COLS)
+  if by_histogram:
+    cols = _chunk_cols(n_rows, n_cols)
+  else:
+    cols = _chunk_cols(n_rows, n_cols, _COUNT_CHUNK, _MIN_COUNT_COLS)
   n_chunks = n_cols // cols
 
   def chunk(i):
