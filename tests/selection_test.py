@@ -138,6 +138,32 @@ def test_every_selection_strategy_matches_reference(strategy, axis, chunked, mon
 
 
 @pytest.mark.parametrize("strategy", ["histogram16", "bits"])
+def test_write_takes_all_ties_or_ranks_them(strategy, monkeypatch):
+  """Both mask writes, hand-worked: every tied entry taken (one comparison) or ranked."""
+  from sparsejax._src.primitives import selection
+
+  monkeypatch.setattr(selection, "_PAIRWISE_MAX", 0)
+  monkeypatch.setattr(selection, "_HISTOGRAM_ABOVE", 0 if strategy == "histogram16" else 10**9)
+  scores = jnp.array([[5.0, 2.0, 2.0], [2.0, 7.0, 1.0]])
+  # k=4: 7, 5, then two of the three 2s tied at the threshold: ranked by flat index,
+  # (0,1) and (0,2) win over (1,0).
+  got = sj.primitives.topk_mask(scores, 4)
+  np.testing.assert_array_equal(got, [[True, True, True], [False, True, False]])
+  # k=5: all three tied 2s are taken (no ranking needed).
+  got = sj.primitives.topk_mask(scores, 5)
+  np.testing.assert_array_equal(got, [[True, True, True], [True, True, False]])
+  if strategy == "histogram16":
+    return
+  cols = jnp.array([[1.0, 2.0, 3.0], [1.0, 7.0, 3.0], [0.0, 2.0, 3.0]])
+  got = sj.primitives.topk_mask(cols, jnp.array([[2, 1, 2]]), axis=0)
+  # Column 0: the tied 1s are both taken; column 1: the 7; column 2: three tied 3s, two
+  # needed: the lowest rows win.
+  np.testing.assert_array_equal(
+    got, [[True, False, True], [True, True, True], [False, False, False]]
+  )
+
+
+@pytest.mark.parametrize("strategy", ["histogram16", "bits"])
 @pytest.mark.parametrize("axis", [None, 0])
 def test_selection_under_x64_matches_reference(strategy, axis, monkeypatch):
   """jax_enable_x64 (float64 scores, int64 default ints): the int32 counts stay int32."""
