@@ -30,12 +30,12 @@ which is what makes mask updates of 4096² layers cheap (see
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from sparsejax._src.primitives import radix
 
 _SIGN_BIT = np.uint32(0x80000000)  # NumPy: importing must not start a JAX backend
 
@@ -176,12 +176,6 @@ def _chunk_cols(n_rows: int, n_cols: int, chunk: int | None = None, min_cols: in
   return best if n_cols // best <= _MAX_CHUNKS else n_cols
 
 
-def _col_slice(x: jax.Array, i, cols: int) -> jax.Array:
-  if cols == x.shape[1]:
-    return x
-  return lax.dynamic_slice_in_dim(x, i * cols, cols, axis=1)
-
-
 def _cumsum_rows(x: jax.Array) -> jax.Array:
   """Inclusive int32 cumsum along axis 0, blocked for long columns (no full-length scan)."""
   n = x.shape[0]
@@ -209,23 +203,16 @@ def count_true(mask: jax.Array, axis: int | None = None) -> jax.Array:
   if axis is None:
 
     def add(i, acc):
-      return acc + jnp.sum(_col_slice(view, i, cols), dtype=jnp.int32)
+      return acc + jnp.sum(radix.col_slice(view, i, cols), dtype=jnp.int32)
 
-    return _for_chunks(n_chunks, add, jnp.zeros((), jnp.int32))
+    return radix.for_chunks(n_chunks, add, jnp.zeros((), jnp.int32))
 
   def put(i, acc):
-    part = jnp.sum(_col_slice(view, i, cols), axis=0, keepdims=True, dtype=jnp.int32)
+    part = jnp.sum(radix.col_slice(view, i, cols), axis=0, keepdims=True, dtype=jnp.int32)
     return part if n_chunks == 1 else lax.dynamic_update_slice_in_dim(acc, part, i * cols, 1)
 
-  total = _for_chunks(n_chunks, put, jnp.zeros((1, view.shape[1]), jnp.int32))
+  total = radix.for_chunks(n_chunks, put, jnp.zeros((1, view.shape[1]), jnp.int32))
   return total.reshape((1,) + mask.shape[1:])
-
-
-def _for_chunks(n_chunks: int, body: Callable, init):
-  """``body(i, carry)`` over the chunks: a ``fori_loop``, or one call for one chunk."""
-  if n_chunks == 1:
-    return body(0, init)
-  return lax.fori_loop(0, n_chunks, body, init)
 
 
 def _select_2d(
@@ -249,17 +236,17 @@ def _select_2d(
   n_chunks = n_cols // cols
 
   def chunk(i):
-    keys = _ordered_keys(_col_slice(scores, i, cols))
+    keys = _ordered_keys(radix.col_slice(scores, i, cols))
     # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF), and are
     # never counted: every threshold found is >= 1 whenever k >= 1.
     if candidates is None:
       return keys
-    return jnp.where(_col_slice(candidates, i, cols), keys, jnp.uint32(0))
+    return jnp.where(radix.col_slice(candidates, i, cols), keys, jnp.uint32(0))
 
   if by_histogram:
-    threshold, n_above, n_at = _threshold_by_histogram(chunk, n_chunks, k)
+    threshold, n_above, n_at = radix.threshold_by_histogram(chunk, n_chunks, k)
   else:
-    threshold, n_above, n_at = _threshold_by_bits(chunk, n_chunks, cols, k, per_column)
+    threshold, n_above, n_at = radix.threshold_by_counting(chunk, n_chunks, cols, k, per_column)
   need = k - n_above  # how many of the entries tied at the threshold are selected
   tie_valid = (threshold != 0) & (k >= 1)
 
@@ -291,7 +278,7 @@ def _write_ranked(chunk, n_chunks, cols, shape, threshold, need, tie_valid, per_
 
   def tied_in(i, keys):
     if per_column:
-      return (keys == _col_slice(threshold, i, cols)) & _col_slice(tie_valid, i, cols)
+      return (keys == radix.col_slice(threshold, i, cols)) & radix.col_slice(tie_valid, i, cols)
     return (keys == threshold) & tie_valid
 
   if per_column:
@@ -301,7 +288,7 @@ def _write_ranked(chunk, n_chunks, cols, shape, threshold, need, tie_valid, per_
     def count_rows(i, acc):
       return acc + jnp.sum(tied_in(i, chunk(i)), axis=1, keepdims=True, dtype=jnp.int32)
 
-    per_row = _for_chunks(n_chunks, count_rows, jnp.zeros((n_rows, 1), jnp.int32))
+    per_row = radix.for_chunks(n_chunks, count_rows, jnp.zeros((n_rows, 1), jnp.int32))
     row_before = _cumsum_rows(per_row) - per_row
 
   def write(i, carry):
@@ -310,8 +297,8 @@ def _write_ranked(chunk, n_chunks, cols, shape, threshold, need, tie_valid, per_
     tied = tied_in(i, keys)
     if per_column:  # index order along the column: rows
       rank = _cumsum_rows(tied)
-      selected = (keys > _col_slice(threshold, i, cols)) | (
-        tied & (rank <= _col_slice(need, i, cols))
+      selected = (keys > radix.col_slice(threshold, i, cols)) | (
+        tied & (rank <= radix.col_slice(need, i, cols))
       )
     else:  # row-major flat order: earlier rows, earlier chunks of the row, then columns
       rank = row_before + seen + jnp.cumsum(tied, axis=1, dtype=jnp.int32)
@@ -322,96 +309,8 @@ def _write_ranked(chunk, n_chunks, cols, shape, threshold, need, tie_valid, per_
     return lax.dynamic_update_slice_in_dim(out, selected, i * cols, 1), seen
 
   init = (jnp.zeros(shape, bool), jnp.zeros((n_rows, 1), jnp.int32))
-  out, _ = _for_chunks(n_chunks, write, init)
+  out, _ = radix.for_chunks(n_chunks, write, init)
   return out
-
-
-def _threshold_by_histogram(chunk: Callable, n_chunks: int, k: jax.Array):
-  """The ``k``-th largest key of a whole array with two 16-bit histogram passes.
-
-  ``chunk(i)`` returns the uint32 keys of column chunk ``i`` (0 = not a candidate); ``k``
-  is ``[1, 1]``. Both passes run in one ``fori_loop`` over the digit position (the first
-  also counts the candidates), so the program holds one pass body.
-
-  Returns ``(threshold, n_above, n_at)``, each shaped like ``k``: ``threshold`` is 0 when
-  ``k`` exceeds the number of candidates (everything above 0, i.e. every candidate, is
-  then selected) and ``0xFFFFFFFF`` when ``k <= 0`` (nothing is above it); ``n_at`` counts
-  the candidates equal to a valid threshold.
-  """
-  width, n_bins = 16, 1 << 16
-
-  def one_pass(d, carry):
-    prefix, need, total, _ = carry
-    first = d == 0
-    shift = jnp.where(first, jnp.uint32(16), jnp.uint32(0))
-
-    def add_chunk(i, hist):
-      keys = chunk(i)
-      digit = (keys >> shift) & jnp.uint32(n_bins - 1)
-      match = jnp.where(first, keys != 0, (keys >> width) == (prefix >> width))
-      return hist.at[digit.astype(jnp.int32).reshape(-1)].add(
-        match.reshape(-1).astype(jnp.int32), mode="promise_in_bounds"
-      )
-
-    hist = _for_chunks(n_chunks, add_chunk, jnp.zeros((n_bins,), jnp.int32)).reshape(1, 1, -1)
-    total = jnp.where(first, jnp.sum(hist, axis=-1, dtype=jnp.int32), total)
-    need = jnp.where(first, jnp.clip(need, 0, total), need)
-    # at_least[v] = count(digit >= v) among matching entries (non-increasing in v).
-    at_least = jnp.flip(jnp.cumsum(jnp.flip(hist, -1), axis=-1, dtype=jnp.int32), -1)
-    v = jnp.maximum(jnp.sum(at_least >= need[..., None], axis=-1, dtype=jnp.int32) - 1, 0)
-    next_v = jnp.minimum(v + 1, n_bins - 1)[..., None]
-    above_v = jnp.where(v < n_bins - 1, jnp.take_along_axis(at_least, next_v, -1)[..., 0], 0)
-    n_at = jnp.take_along_axis(hist, v[..., None], -1)[..., 0]
-    return prefix | (v.astype(jnp.uint32) << shift), need - above_v, total, n_at
-
-  zeros = jnp.zeros(k.shape, jnp.int32)
-  init = (jnp.zeros(k.shape, jnp.uint32), k, zeros, zeros)
-  prefix, need, total, n_at = lax.fori_loop(0, 2, one_pass, init)
-  valid = (k >= 1) & (total >= k)
-  # k <= 0: nothing is above the largest key; k > total: every candidate is above 0.
-  threshold = jnp.where(valid, prefix, jnp.where(k >= 1, jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
-  n_above = jnp.where(valid, k - need, jnp.where(k >= 1, total, 0))
-  n_at = jnp.where(valid, n_at, 0)
-  return threshold, n_above, n_at
-
-
-def _threshold_by_bits(chunk: Callable, n_chunks: int, cols: int, k: jax.Array, per_column: bool):
-  """The ``k``-th largest key of every column (``k`` ``[1, G]``) or of all (``[1, 1]``)
-  with 32 counting passes (a bitwise binary search), then one pass counting the keys
-  above and at the threshold.
-
-  Returns ``(threshold, n_above, n_at)``, each shaped like ``k``: ``threshold`` is 0 when
-  ``k`` exceeds the number of candidates (everything above 0, i.e. every candidate, is
-  then selected) and ``0xFFFFFFFF`` when ``k <= 0`` (nothing is above it); ``n_at`` counts
-  the candidates equal to a valid threshold.
-  """
-
-  def count(predicate, ref, n_out: int) -> tuple[jax.Array, ...]:
-    """Per column (or total) counts of ``predicate(keys, ref)`` (a tuple of ``n_out``
-    bool arrays); ``ref`` is shaped like ``k``."""
-
-    def add(i, acc):
-      keys = chunk(i)
-      if not per_column:
-        hits = predicate(keys, ref)
-        return tuple(a + jnp.sum(h, dtype=jnp.int32).reshape(1, 1) for a, h in zip(acc, hits))
-      hits = predicate(keys, _col_slice(ref, i, cols))
-      parts = [jnp.sum(h, axis=0, keepdims=True, dtype=jnp.int32) for h in hits]
-      if n_chunks == 1:
-        return tuple(parts)
-      return tuple(lax.dynamic_update_slice_in_dim(a, p, i * cols, 1) for a, p in zip(acc, parts))
-
-    return _for_chunks(n_chunks, add, (jnp.zeros(k.shape, jnp.int32),) * n_out)
-
-  def body(i, threshold):
-    bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
-    trial = threshold | bit
-    (n_at_least,) = count(lambda keys, t: (keys >= t,), trial, 1)
-    return jnp.where(n_at_least >= k, trial, threshold)
-
-  threshold = lax.fori_loop(0, 32, body, jnp.zeros(k.shape, jnp.uint32))
-  n_above, n_at = count(lambda keys, t: (keys > t, (keys == t) & (t != 0)), threshold, 2)
-  return threshold, n_above, n_at
 
 
 def drop_and_grow(
