@@ -23,7 +23,7 @@ processed in column chunks (about 256K entries for histogram passes, 64K entries
 least 64 columns for counting passes: ``fori_loop``\ s of passes, then of mask writes), so a
 selection's temporaries stay a few MiB at most whatever the layer size: no full copy of
 the keys, bins or a cumulative sum is materialised, and the program holds one pass body
-and one write body per selection. Cost is O(n) per selection with no ``n log n`` sort,
+per selection, its one-comparison write and one tie-ranking write. Cost is O(n) per selection with no ``n log n`` sort,
 which is what makes mask updates of 4096² layers cheap (see
 ``benchmarks/mask_update.py``).
 """
