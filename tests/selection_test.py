@@ -137,6 +137,35 @@ def test_every_selection_strategy_matches_reference(strategy, axis, chunked, mon
     np.testing.assert_array_equal(got[sl], _reference_topk(scores[sl], ks[j], candidates[sl]))
 
 
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 70, 1000])
+def test_row_cumsum_of_tie_ranks_matches_numpy(n):
+  """The blocked cumsum (triangular products over 32-row blocks) that ranks tied entries."""
+  from sparsejax._src.primitives import selection
+
+  x = np.random.default_rng(n).random((n, 5)) < 0.4
+  for fn in (selection._cumsum_rows, jax.jit(selection._cumsum_rows)):
+    got = np.asarray(fn(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.cumsum(x, axis=0))
+
+
+def test_per_column_ties_ranked_across_row_blocks():
+  """Columns longer than one cumsum block, ties straddling the threshold in every column."""
+  rng = np.random.default_rng(7)
+  scores = rng.integers(0, 3, size=(70, 6)).astype(np.float32)  # many ties
+  candidates = rng.random((70, 6)) < 0.9
+  ks = np.array([0, 1, 17, 40, 63, 70])
+  got = np.asarray(
+    sj.primitives.topk_mask(
+      jnp.asarray(scores), jnp.asarray(ks)[None], axis=0, candidates=jnp.asarray(candidates)
+    )
+  )
+  for j in range(6):
+    np.testing.assert_array_equal(
+      got[:, j], _reference_topk(scores[:, j], ks[j], candidates[:, j]), err_msg=f"column {j}"
+    )
+
+
 @pytest.mark.parametrize("strategy", ["histogram16", "bits"])
 def test_write_takes_all_ties_or_ranks_them(strategy, monkeypatch):
   """Both mask writes, hand-worked: every tied entry taken (one comparison) or ranked."""

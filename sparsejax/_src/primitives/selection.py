@@ -53,6 +53,7 @@ _CHUNK_ABOVE = 1 << 18
 _COUNT_CHUNK = 1 << 16
 _MIN_COUNT_COLS = 64
 _MAX_CHUNKS = 4096
+_CUMSUM_BLOCK = 32
 
 
 def _ordered_keys(scores: jax.Array) -> jax.Array:
@@ -177,16 +178,30 @@ def _chunk_cols(n_rows: int, n_cols: int, chunk: int | None = None, min_cols: in
 
 
 def _cumsum_rows(x: jax.Array) -> jax.Array:
-  """Inclusive int32 cumsum along axis 0, blocked for long columns (no full-length scan)."""
-  n = x.shape[0]
-  block = 1024
-  if n <= 4 * block or n % block:
+  """Inclusive int32 cumsum of a ``[n, c]`` array along axis 0.
+
+  For bool arrays, in blocks of 32 rows: the within-block sums are one batched product
+  with a triangular ones matrix (exact: the float32 sums are at most 32), then a short
+  cumsum of the block totals. XLA:CPU lowers a long cumsum to a reduce-window, several
+  times slower. Integer arrays (per-row counts, one column) take ``jnp.cumsum``.
+  """
+  n, c = x.shape
+  block = _CUMSUM_BLOCK
+  if n <= block or x.dtype != jnp.bool_:
     return jnp.cumsum(x, axis=0, dtype=jnp.int32)
-  blocks = x.reshape(n // block, block, *x.shape[1:]).astype(jnp.int32)
-  within = jnp.cumsum(blocks, axis=1, dtype=jnp.int32)
-  totals = within[:, -1:]
+  n_blocks = -(-n // block)
+  padded = jnp.pad(x.astype(jnp.float32), ((0, n_blocks * block - n), (0, 0)))
+  lower = jnp.tril(jnp.ones((block, block), jnp.float32))
+  within = jnp.einsum(
+    "ij,bjc->bic",
+    lower,
+    padded.reshape(n_blocks, block, c),
+    precision=lax.Precision.HIGHEST,
+    preferred_element_type=jnp.float32,
+  ).astype(jnp.int32)
+  totals = within[:, -1, :]
   before = jnp.cumsum(totals, axis=0, dtype=jnp.int32) - totals
-  return (within + before).reshape(x.shape)
+  return (within + before[:, None, :]).reshape(n_blocks * block, c)[:n]
 
 
 def count_true(mask: jax.Array, axis: int | None = None) -> jax.Array:
