@@ -20,12 +20,12 @@ Ties at the threshold are broken by index: when some entries tied at a threshold
 left out, the pass that writes the mask ranks the tied entries with a running count (the
 lowest indices win); otherwise it is one comparison with the threshold. Large arrays are
 processed in column chunks (about 256K entries for histogram passes, 64K entries and at
-least 64 columns for counting passes: ``fori_loop``\ s of passes, then of mask writes), so a
-selection's temporaries stay a few MiB at most whatever the layer size: no full copy of
+least 64 columns for counting passes: ``fori_loop``\ s of passes, then of mask writes), so
+a selection's temporaries stay a few MiB at most whatever the layer size: no full copy of
 the keys, bins or a cumulative sum is materialised, and the program holds one pass body
-per selection, its one-comparison write and one tie-ranking write. Cost is O(n) per selection with no ``n log n`` sort,
-which is what makes mask updates of 4096² layers cheap (see
-``benchmarks/mask_update.py``).
+per selection, its one-comparison write and one tie-ranking write. Cost is O(n) per
+selection with no ``n log n`` sort, which is what makes mask updates of 4096² layers cheap
+(see ``benchmarks/mask_update.py``).
 """
 
 from __future__ import annotations
@@ -251,12 +251,8 @@ def _select_2d(
   n_chunks = n_cols // cols
 
   def chunk(i):
-    keys = _ordered_keys(radix.col_slice(scores, i, cols))
-    # Non-candidates get key 0, below every real number's key (>= 0x007FFFFF), and are
-    # never counted: every threshold found is >= 1 whenever k >= 1.
-    if candidates is None:
-      return keys
-    return jnp.where(radix.col_slice(candidates, i, cols), keys, jnp.uint32(0))
+    cands = None if candidates is None else radix.col_slice(candidates, i, cols)
+    return _keys(radix.col_slice(scores, i, cols), cands)
 
   if by_histogram:
     threshold, n_above, n_at = radix.threshold_by_histogram(chunk, n_chunks, k)
@@ -267,7 +263,7 @@ def _select_2d(
 
   def take_all_ties() -> jax.Array:
     # Every entry tied at the threshold is selected (n_at == need): one elementwise pass.
-    keys = chunk(0) if n_chunks == 1 else _full_keys(scores, candidates)
+    keys = _keys(scores, candidates)
     return (keys > threshold) | ((keys == threshold) & tie_valid)
 
   def rank_ties() -> jax.Array:
@@ -282,7 +278,9 @@ def _select_2d(
   return lax.cond(partial_ties, rank_ties, take_all_ties)
 
 
-def _full_keys(scores: jax.Array, candidates: jax.Array | None) -> jax.Array:
+def _keys(scores: jax.Array, candidates: jax.Array | None) -> jax.Array:
+  """Ordered keys; non-candidates get key 0, below every real number's key (>= 0x007FFFFF),
+  and are never counted: every threshold found is >= 1 whenever k >= 1."""
   keys = _ordered_keys(scores)
   return keys if candidates is None else jnp.where(candidates, keys, jnp.uint32(0))
 
