@@ -49,7 +49,7 @@ class _BuildExtWithXlaFfi(build_ext):
     except RuntimeError as e:
       if _REQUIRE_NATIVE:
         raise
-      self.warn(f"skipping the native condensed kernel: {e}")
+      self.warn(f"skipping the native kernels: {e}")
       self.extensions = [ext for ext in self.extensions if ext not in _NATIVE_EXTENSIONS]
       include = []
     for ext in self.extensions:
@@ -69,6 +69,13 @@ _NATIVE_EXTENSIONS = [
   Extension(
     "sparsejax._src.kernels._sparse_train_native",
     sources=["sparsejax/_src/kernels/csrc/sparse_train_ffi.cc"],
+    language="c++",
+    optional=not _REQUIRE_NATIVE,
+  ),
+  # Exact top-k selection of DST mask updates (sparsejax/_src/primitives/native_select.py).
+  Extension(
+    "sparsejax._src.primitives._select_native",
+    sources=["sparsejax/_src/primitives/csrc/select_ffi.cc"],
     language="c++",
     optional=not _REQUIRE_NATIVE,
   ),

@@ -156,3 +156,34 @@ def test_eager_update_calls_reuse_one_compiled_program():
     params = optax.apply_updates(params, updates)
   assert traces == ["w"], traces
   assert int(state.count) == 4
+
+
+@pytest.mark.parametrize(("method", "n_selections"), [("rigl", 4), ("set_", 4), ("srigl", None)])
+def test_one_device_cpu_update_selects_with_the_native_kernel(method, n_selections, monkeypatch):
+  """On a one-device CPU process every selection of the update is one native call: the
+  compiled step holds none of the XLA selection program (its radix loops and their
+  kernels), which is what keeps its compile time and compile-time memory small."""
+  from sparsejax._src.primitives import native_select, selection
+
+  if not native_select.usable():
+    pytest.skip(f"native selection not usable here: {native_select.unavailable_reason()}")
+  kwargs = dict(last_layer="b") if method == "srigl" else {}
+  params = _params()
+
+  def compiled_text(native):
+    monkeypatch.setattr(selection, "_NATIVE", native)
+    tx = getattr(sj, method)(
+      optax.adam(1e-3), sparsity=0.9, update_every=10, end_step=100, **kwargs
+    )
+    state = tx.init(params)
+    return jax.jit(tx.update).lower(params, state, params).compile().as_text()
+
+  native, xla = compiled_text(True), compiled_text(False)
+  calls = native.count('custom_call_target="sparsejax_select"')
+  if n_selections is not None:  # drop and grow of each of the two sparse leaves
+    assert calls == n_selections, calls
+  else:  # SRigL: drop, grow, and the conditional cap of over-full neurons, per leaf
+    assert calls >= 4, calls
+  assert "sparsejax_select" not in xla
+  assert native.count(" while(") < xla.count(" while("), "radix loops left in the program"
+  assert native.count(" fusion(") <= 0.75 * xla.count(" fusion("), "selection kernels left"

@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 import sparsejax as sj
 from sparsejax._src.criteria import schedules
-from sparsejax._src.primitives import selection
+from sparsejax._src.primitives import native_select, selection
 
 _EXPLORE = os.environ.get("SPARSEJAX_HYPOTHESIS_EXPLORE", "") not in ("", "0")
 F32 = np.float32
@@ -170,16 +170,18 @@ def _topk_fn(shape, axis, strategy):
   fn = jax.jit(lambda s, k, c: sj.primitives.topk_mask(s, k, axis=axis, candidates=c))
   if strategy == "default":
     return fn
-  pairwise, histogram_above = {
-    "rank": (10**9, 10**9),
-    "histogram16": (0, 0),  # whole-array selections only; per-slice ones count
-    "bits": (0, 10**9),
+  pairwise, histogram_above, native = {
+    "rank": (10**9, 10**9, False),
+    "histogram16": (0, 0, False),  # whole-array selections only; per-slice ones count
+    "bits": (0, 10**9, False),
+    "native": (0, 10**9, True),  # the FFI kernel (the default on a one-device CPU)
   }[strategy]
 
   def forced(*args):  # traced (once) with the strategy thresholds patched
     with (
       mock.patch.object(selection, "_PAIRWISE_MAX", pairwise),
       mock.patch.object(selection, "_HISTOGRAM_ABOVE", histogram_above),
+      mock.patch.object(selection, "_NATIVE", native),
     ):
       return fn(*args)
 
@@ -238,9 +240,11 @@ _STRATEGY_CASES = [((6, 9), None), ((6, 9), 1)]
 @_settings(40)
 @given(
   _topk_inputs(_STRATEGY_CASES),
-  st.sampled_from(["rank", "histogram16", "bits"]),
+  st.sampled_from(["rank", "histogram16", "bits", "native"]),
 )
 def test_topk_every_selection_strategy(inputs, strategy):
+  if strategy == "native" and not native_select.usable():
+    return  # checked where the extension is built (CI builds it)
   scores, k, axis, candidates = inputs
   fn = _topk_fn(scores.shape, axis, strategy)
   got = fn(jnp.asarray(scores), jnp.asarray(k, jnp.int32), jnp.asarray(candidates))

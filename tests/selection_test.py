@@ -98,15 +98,25 @@ def test_drop_and_grow_invariants(shape, density, drop_fraction):
     assert g[grown].min() >= g[candidates & ~grown].max()
 
 
+def _force_native(strategy, monkeypatch):
+  """The XLA strategies run with the native kernel off; "native" needs it built."""
+  from sparsejax._src.primitives import native_select, selection
+
+  if strategy == "native" and not native_select.usable():
+    pytest.skip(f"native selection unavailable: {native_select.unavailable_reason()}")
+  monkeypatch.setattr(selection, "_NATIVE", strategy == "native")
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
-@pytest.mark.parametrize("strategy", ["rank", "histogram16", "bits"])
+@pytest.mark.parametrize("strategy", ["rank", "histogram16", "bits", "native"])
 @pytest.mark.parametrize("axis", [None, 0, 1])
 def test_every_selection_strategy_matches_reference(strategy, axis, chunked, monkeypatch):
   from sparsejax._src.primitives import selection
 
+  _force_native(strategy, monkeypatch)
   if chunked:  # large-array path on a small array: columns processed 2-3 at a time
-    if strategy == "rank":
-      pytest.skip("short slices are ranked pairwise, never chunked")
+    if strategy in ("rank", "native"):
+      pytest.skip("short slices are ranked pairwise, never chunked; the native kernel streams")
     monkeypatch.setattr(selection, "_CHUNK_ABOVE", 0)
     monkeypatch.setattr(selection, "_CHUNK", 27)
     monkeypatch.setattr(selection, "_COUNT_CHUNK", 27)
@@ -166,11 +176,12 @@ def test_per_column_ties_ranked_across_row_blocks():
     )
 
 
-@pytest.mark.parametrize("strategy", ["histogram16", "bits"])
+@pytest.mark.parametrize("strategy", ["histogram16", "bits", "native"])
 def test_write_takes_all_ties_or_ranks_them(strategy, monkeypatch):
   """Both mask writes, hand-worked: every tied entry taken (one comparison) or ranked."""
   from sparsejax._src.primitives import selection
 
+  _force_native(strategy, monkeypatch)
   monkeypatch.setattr(selection, "_PAIRWISE_MAX", 0)
   monkeypatch.setattr(selection, "_HISTOGRAM_ABOVE", 0 if strategy == "histogram16" else 10**9)
   scores = jnp.array([[5.0, 2.0, 2.0], [2.0, 7.0, 1.0]])
@@ -192,12 +203,13 @@ def test_write_takes_all_ties_or_ranks_them(strategy, monkeypatch):
   )
 
 
-@pytest.mark.parametrize("strategy", ["histogram16", "bits"])
+@pytest.mark.parametrize("strategy", ["histogram16", "bits", "native"])
 @pytest.mark.parametrize("axis", [None, 0])
 def test_selection_under_x64_matches_reference(strategy, axis, monkeypatch):
   """jax_enable_x64 (float64 scores, int64 default ints): the int32 counts stay int32."""
   from sparsejax._src.primitives import selection
 
+  _force_native(strategy, monkeypatch)
   monkeypatch.setattr(selection, "_CHUNK_ABOVE", 0)  # chunked: loops carry the counts
   monkeypatch.setattr(selection, "_CHUNK", 27)
   monkeypatch.setattr(selection, "_COUNT_CHUNK", 27)
@@ -261,3 +273,24 @@ def test_initial_masks_are_the_same_eager_and_under_jit():
     for m, j in zip(eager, jitted, strict=True):
       assert m.dtype == j.dtype == bool and 0 < int(m.sum()) < m.size
       np.testing.assert_array_equal(np.asarray(m), np.asarray(j))
+
+
+@pytest.mark.parametrize("per_column", [False, True], ids=["whole", "per_column"])
+def test_native_selection_does_not_depend_on_threads(per_column):
+  """Arrays above the kernel's one-thread limit (64K entries) split into per-thread parts;
+  ties straddle the parts, and every thread count gives the XLA program's mask."""
+  from sparsejax._src.primitives import native_select, selection
+
+  if not native_select.available():
+    pytest.skip(f"native selection unavailable: {native_select.unavailable_reason()}")
+  rng = np.random.default_rng(11)
+  scores = jnp.asarray(rng.integers(0, 5, size=(300, 257)).astype(np.float32))  # many ties
+  candidates = jnp.asarray(rng.random((300, 257)) < 0.7)
+  if per_column:
+    k = jnp.asarray(rng.integers(-1, 302, size=(1, 257)), jnp.int32)
+  else:
+    k = jnp.asarray([[31_000]], jnp.int32)
+  want = selection._select_2d_xla(scores, k, candidates, per_column=per_column)
+  for threads in (1, 2, 3, 0):
+    got = native_select.select_2d(scores, k, candidates, per_column=per_column, threads=threads)
+    np.testing.assert_array_equal(got, want, err_msg=f"threads={threads}")

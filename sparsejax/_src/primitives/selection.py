@@ -26,6 +26,11 @@ the keys, bins or a cumulative sum is materialised, and the program holds one pa
 per selection, its one-comparison write and one tie-ranking write. Cost is O(n) per
 selection with no ``n log n`` sort, which is what makes mask updates of 4096² layers cheap
 (see ``benchmarks/mask_update.py``).
+
+On a one-device CPU process the whole selection is instead one native FFI call
+(``native_select.py``, ``csrc/select_ffi.cc``) with the same result bit for bit: the
+program then holds one custom call per selection rather than a few dozen XLA kernels,
+which is most of a mask update's compile time and compile-time memory.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparsejax._src.primitives import radix
+from sparsejax._src.primitives import native_select, radix
 
 _SIGN_BIT = np.uint32(0x80000000)  # NumPy: importing must not start a JAX backend
 
@@ -54,6 +59,9 @@ _COUNT_CHUNK = 1 << 16
 _MIN_COUNT_COLS = 64
 _MAX_CHUNKS = 4096
 _CUMSUM_BLOCK = 32
+# Whole selections take the native CPU kernel where native_select.usable() (tests switch
+# it off to check the XLA strategies against the same references).
+_NATIVE = True
 
 
 def _ordered_keys(scores: jax.Array) -> jax.Array:
@@ -235,6 +243,23 @@ def _select_2d(
 ) -> jax.Array:
   """Top-``k`` of ``[L, G]`` scores: per column (``k`` is ``[1, G]``) or over the whole
   array (``per_column=False``, ``k`` is ``[1, 1]``, ties by row-major flat index).
+
+  On a one-device CPU process with the native extension built, one FFI call computes it
+  (``native_select``: the same result, a fraction of the compile time and memory);
+  elsewhere (several devices, accelerators) the XLA program below does.
+  """
+  if _NATIVE and native_select.usable():
+    return lax.platform_dependent(
+      cpu=lambda: native_select.select_2d(scores, k, candidates, per_column=per_column),
+      default=lambda: _select_2d_xla(scores, k, candidates, per_column=per_column),
+    )
+  return _select_2d_xla(scores, k, candidates, per_column=per_column)
+
+
+def _select_2d_xla(
+  scores: jax.Array, k: jax.Array, candidates: jax.Array | None, *, per_column: bool
+) -> jax.Array:
+  """:func:`_select_2d` as an XLA program (any backend, any sharding).
 
   Loops over column chunks: the radix passes find each group's threshold key, then one
   pass writes the mask. When every entry tied at a threshold is selected (the usual case

@@ -1,0 +1,339 @@
+// Copyright 2026 The sparsejax Authors. Licensed under the Apache License 2.0.
+//
+// Exact top-k selection on the CPU, exposed to JAX through the XLA FFI: the native twin
+// of the XLA path in sparsejax/_src/primitives/selection.py (`_select_2d`), with the
+// same result bit for bit.
+//
+//   sparsejax_select(scores f32 [L, G], candidates pred [L, G] or [0], k s32 [1, 1] or
+//                    [1, G]) -> pred [L, G]
+//
+// Scores map to order-preserving uint32 keys (larger score, larger key; -0.0 as +0.0);
+// a non-candidate (and the one NaN pattern whose key is 0) gets key 0 and is never
+// selected. `per_column == 0`: the k largest keys of the whole array, ties at the
+// threshold taken in row-major (flat index) order. `per_column == 1`: the k[j] largest
+// keys of every column j, ties taken in row order. k <= 0 selects nothing; k above the
+// number of candidates selects every candidate.
+//
+// Whole array: two 16-bit histogram passes find the threshold key t and how many keys
+// equal to t are taken (`need`); the write pass is one comparison plus a running count of
+// the ties, which is what ranks them by index. No copy of the keys is made (they are
+// recomputed in each pass: a few integer ops per entry).
+// Per column: columns are processed in blocks of 64: the block's keys are transposed into
+// a [64, L] scratch (so each column is contiguous), each column's threshold is found by
+// four 8-bit histogram passes over its L keys, then the block is written row by row.
+//
+// Threads: XLA's intra-op pool (at most 8, `threads` > 0 caps it), for arrays of at least
+// 64K entries; the result does not depend on the number of threads.
+
+#include <Python.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <atomic>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace sparsejax_select {
+namespace {
+
+constexpr uint32_t kSign = 0x80000000u;
+constexpr int64_t kColumnBlock = 64;
+constexpr int64_t kBins = 1 << 16;
+constexpr int64_t kMinParallel = 1 << 16;  // entries; below, one thread
+constexpr int64_t kMaxThreads = 8;         // whole-array histograms: 256 KiB per thread
+
+inline uint32_t Key(float score) {
+  uint32_t bits;
+  std::memcpy(&bits, &score, sizeof(bits));
+  if (bits == kSign) bits = 0;  // -0.0 ties with +0.0
+  return (bits & kSign) ? ~bits : (bits | kSign);
+}
+
+inline uint32_t KeyAt(const float* scores, const bool* cands, int64_t i) {
+  return (cands != nullptr && !cands[i]) ? 0u : Key(scores[i]);
+}
+
+// The largest digit d with count(digit >= d) >= need, scanning bins from the top; returns
+// d and subtracts the count strictly above it from `need`. Requires need <= sum(hist).
+inline uint32_t TopDigit(const uint32_t* hist, int64_t n_bins, int64_t& need) {
+  int64_t above = 0;
+  int64_t d = n_bins - 1;
+  for (; d > 0; --d) {
+    if (above + hist[d] >= need) break;
+    above += hist[d];
+  }
+  need -= above;
+  return static_cast<uint32_t>(d);
+}
+
+// ---------------------------------------------------------------------------------------
+// Threads: items are claimed from an atomic counter by the caller and by helpers scheduled
+// on XLA's intra-op pool; the caller never waits for an item nobody claimed (no deadlock
+// when the pool is busy). Results never depend on the number of threads.
+// ---------------------------------------------------------------------------------------
+
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n_items = 0;
+  std::function<void(int64_t)> fn;
+};
+
+void Drain(Work& w) {
+  for (int64_t i; (i = w.next.fetch_add(1, std::memory_order_relaxed)) < w.n_items;) {
+    w.fn(i);
+    w.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void ParallelFor(ffi::ThreadPool& pool, int64_t n_threads, int64_t n_items,
+                 std::function<void(int64_t)> fn) {
+  if (n_threads <= 1 || n_items <= 1) {
+    for (int64_t i = 0; i < n_items; ++i) fn(i);
+    return;
+  }
+  auto work = std::make_shared<Work>();
+  work->n_items = n_items;
+  work->fn = std::move(fn);
+  for (int64_t t = 1; t < std::min(n_threads, n_items); ++t) {
+    pool.Schedule([work]() { Drain(*work); });
+  }
+  Drain(*work);
+  while (work->done.load(std::memory_order_acquire) < n_items) std::this_thread::yield();
+}
+
+// ---------------------------------------------------------------------------------------
+// Whole array: the flat range is split into one contiguous part per thread; each part
+// keeps its own histograms, so the part's count of keys equal to the threshold (its bin
+// of the second histogram) ranks its ties after those of the parts before it.
+// ---------------------------------------------------------------------------------------
+
+void SelectWhole(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
+                 const bool* cands, int64_t n, int64_t k, bool* out) {
+  if (k <= 0) {
+    std::fill(out, out + n, false);
+    return;
+  }
+  const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
+  const auto begin = [&](int64_t p) { return n * p / parts; };
+  std::vector<uint32_t> hist(static_cast<size_t>(parts * kBins), 0);
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    uint32_t* h = hist.data() + p * kBins;
+    for (int64_t i = begin(p); i < begin(p + 1); ++i) {
+      const uint32_t key = KeyAt(scores, cands, i);
+      if (key != 0) ++h[key >> 16];
+    }
+  });
+  std::vector<uint32_t> merged(kBins, 0);
+  int64_t total = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    for (int64_t b = 1; b < kBins; ++b) merged[b] += hist[p * kBins + b];
+    merged[0] += hist[p * kBins];
+  }
+  for (int64_t b = 0; b < kBins; ++b) total += merged[b];
+  if (k >= total) {  // every candidate
+    ParallelFor(pool, parts, parts, [&](int64_t p) {
+      for (int64_t i = begin(p); i < begin(p + 1); ++i) out[i] = KeyAt(scores, cands, i) != 0;
+    });
+    return;
+  }
+  int64_t need = k;
+  const uint32_t hi = TopDigit(merged.data(), kBins, need);
+  std::fill(hist.begin(), hist.end(), 0u);
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    uint32_t* h = hist.data() + p * kBins;
+    for (int64_t i = begin(p); i < begin(p + 1); ++i) {
+      const uint32_t key = KeyAt(scores, cands, i);
+      if (key != 0 && (key >> 16) == hi) ++h[key & 0xFFFFu];
+    }
+  });
+  std::fill(merged.begin(), merged.end(), 0u);
+  for (int64_t p = 0; p < parts; ++p)
+    for (int64_t b = 0; b < kBins; ++b) merged[b] += hist[p * kBins + b];
+  const uint32_t lo = TopDigit(merged.data(), kBins, need);
+  const uint32_t threshold = (hi << 16) | lo;
+  std::vector<int64_t> ties_before(parts, 0);  // ties at the threshold in earlier parts
+  for (int64_t p = 1; p < parts; ++p) ties_before[p] = ties_before[p - 1] + hist[(p - 1) * kBins + lo];
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    int64_t taken = ties_before[p];  // the first `need` ties in flat order are kept
+    for (int64_t i = begin(p); i < begin(p + 1); ++i) {
+      const uint32_t key = KeyAt(scores, cands, i);
+      out[i] = key > threshold || (key == threshold && taken++ < need);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Per column: blocks of 64 columns are the items. A block's keys are transposed into a
+// [64, L] scratch while the top byte of every key is counted; each column then keeps only
+// the keys in its threshold's top-byte bucket (usually a handful) for the three remaining
+// 8-bit digits; the block is written row by row, ties taken in row order.
+// ---------------------------------------------------------------------------------------
+
+struct ColumnScratch {
+  std::vector<uint32_t> keys, bucket;
+  std::vector<std::array<uint32_t, 256>> hist;
+  explicit ColumnScratch(int64_t rows)
+      : keys(static_cast<size_t>(kColumnBlock * rows)), bucket(static_cast<size_t>(rows)),
+        hist(kColumnBlock) {}
+};
+
+// Threshold of one column from its top-byte histogram and keys; see SelectColumns.
+void ColumnThreshold(const uint32_t* keys, int64_t rows, const std::array<uint32_t, 256>& top,
+                     int64_t k, uint32_t* bucket, uint32_t& threshold, int64_t& need) {
+  int64_t total = 0;
+  for (int64_t d = 1; d < 256; ++d) total += top[d];
+  total += top[0];
+  if (k <= 0) {  // nothing: no key is above the largest, and no tie is taken
+    threshold = 0xFFFFFFFFu;
+    need = 0;
+    return;
+  }
+  if (k >= total) {  // every candidate: every key above 0
+    threshold = 0;
+    need = 0;
+    return;
+  }
+  need = k;
+  uint32_t prefix = TopDigit(top.data(), 256, need) << 24;
+  int64_t m = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t key = keys[r];
+    if (key != 0 && (key >> 24) == (prefix >> 24)) bucket[m++] = key;
+  }
+  std::array<uint32_t, 256> hist;
+  uint32_t high_mask = 0xFF000000u;
+  for (int shift = 16; shift >= 0; shift -= 8) {
+    hist.fill(0);
+    for (int64_t i = 0; i < m; ++i) {
+      if ((bucket[i] & high_mask) == prefix) ++hist[(bucket[i] >> shift) & 0xFFu];
+    }
+    prefix |= TopDigit(hist.data(), 256, need) << shift;
+    high_mask |= 0xFFu << shift;
+  }
+  threshold = prefix;
+}
+
+void SelectColumns(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
+                   const bool* cands, int64_t rows, int64_t cols, const int32_t* k, bool* out) {
+  const int64_t n_blocks = (cols + kColumnBlock - 1) / kColumnBlock;
+  if (rows * cols < kMinParallel) n_threads = 1;
+  // One scratch per running thread: a block claims a free slot (there always is one, as
+  // at most n_threads blocks run at once) and allocates its scratch on first use.
+  const size_t n_slots = static_cast<size_t>(std::min(n_threads, n_blocks));
+  std::vector<std::unique_ptr<ColumnScratch>> scratch(n_slots);
+  std::vector<std::atomic<bool>> busy(n_slots);
+  for (auto& b : busy) b.store(false);
+  ParallelFor(pool, n_threads, n_blocks, [&](int64_t block) {
+    size_t slot = 0;
+    for (;; slot = (slot + 1) % n_slots) {
+      bool expected = false;
+      if (busy[slot].compare_exchange_weak(expected, true, std::memory_order_acquire)) break;
+    }
+    if (!scratch[slot]) scratch[slot] = std::make_unique<ColumnScratch>(rows);
+    ColumnScratch& s = *scratch[slot];
+    const int64_t j0 = block * kColumnBlock;
+    const int64_t nb = std::min(kColumnBlock, cols - j0);
+    for (int64_t c = 0; c < nb; ++c) s.hist[c].fill(0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t base = r * cols + j0;
+      for (int64_t c = 0; c < nb; ++c) {
+        const uint32_t key = KeyAt(scores, cands, base + c);
+        s.keys[c * rows + r] = key;
+        if (key != 0) ++s.hist[c][key >> 24];
+      }
+    }
+    uint32_t threshold[kColumnBlock];
+    int64_t need[kColumnBlock], taken[kColumnBlock];
+    for (int64_t c = 0; c < nb; ++c) {
+      ColumnThreshold(s.keys.data() + c * rows, rows, s.hist[c], k[j0 + c], s.bucket.data(),
+                      threshold[c], need[c]);
+      taken[c] = 0;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      bool* row_out = out + r * cols + j0;
+      for (int64_t c = 0; c < nb; ++c) {
+        const uint32_t key = s.keys[c * rows + r];
+        row_out[c] =
+            key != 0 && (key > threshold[c] || (key == threshold[c] && taken[c]++ < need[c]));
+      }
+    }
+    busy[slot].store(false, std::memory_order_release);
+  });
+}
+
+ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::PRED> candidates,
+                      ffi::Buffer<ffi::S32> k, ffi::ResultBuffer<ffi::PRED> out,
+                      int64_t per_column, int64_t threads) {
+  const auto dims = scores.dimensions();
+  if (dims.size() != 2) {
+    return ffi::Error::InvalidArgument("sparsejax_select: scores must be 2-D [L, G]");
+  }
+  const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
+  const bool* cands = nullptr;
+  if (candidates.element_count() != 0) {
+    if (static_cast<int64_t>(candidates.element_count()) != n) {
+      return ffi::Error::InvalidArgument("sparsejax_select: candidates must match scores");
+    }
+    cands = candidates.typed_data();
+  }
+  const int64_t groups = per_column ? cols : 1;
+  if (static_cast<int64_t>(k.element_count()) != groups) {
+    return ffi::Error::InvalidArgument("sparsejax_select: k must hold one count per group");
+  }
+  if (n == 0) return ffi::Error::Success();
+  bool* dst = out->typed_data();
+  int64_t n_threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads > 0) n_threads = std::min(n_threads, threads);
+  n_threads = std::min(n_threads, kMaxThreads);
+  if (per_column) {
+    SelectColumns(pool, n_threads, scores.typed_data(), cands, rows, cols, k.typed_data(), dst);
+  } else {
+    SelectWhole(pool, n_threads, scores.typed_data(), cands, n, k.typed_data()[0], dst);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+}  // namespace sparsejax_select
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxSelect, sparsejax_select::SelectImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scores [L, G]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // candidates or [0]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // k [1, 1] or [1, G]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // selected [L, G]
+                                  .Attr<int64_t>("per_column")
+                                  .Attr<int64_t>("threads"));
+
+static PyObject* Registrations(PyObject*, PyObject*) {
+  PyObject* dict = PyDict_New();
+  if (dict == nullptr) return nullptr;
+  PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(&SparsejaxSelect), nullptr, nullptr);
+  if (capsule == nullptr || PyDict_SetItemString(dict, "sparsejax_select", capsule)) {
+    Py_XDECREF(capsule);
+    Py_DECREF(dict);
+    return nullptr;
+  }
+  Py_DECREF(capsule);
+  return dict;
+}
+
+static PyMethodDef kMethods[] = {
+    {"registrations", Registrations, METH_NOARGS,
+     "Dict of XLA FFI target name -> PyCapsule holding the handler."},
+    {nullptr, nullptr, 0, nullptr}};
+
+static PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_select_native",
+                              "Native XLA FFI CPU kernel: exact top-k selection.", -1, kMethods};
+
+PyMODINIT_FUNC PyInit__select_native(void) { return PyModule_Create(&kModule); }
