@@ -58,10 +58,12 @@ class _BuildExtWithXlaFfi(build_ext):
 
 
 _REQUIRE_NATIVE = os.environ.get("SPARSEJAX_REQUIRE_NATIVE", "").strip() not in ("", "0")
+_FFI_COMMON = "sparsejax/_src/kernels/csrc/ffi_common.h"  # shared by the three sources
 _NATIVE_EXTENSIONS = [
   Extension(
     "sparsejax._src.kernels._condensed_native",
     sources=["sparsejax/_src/kernels/csrc/condensed_ffi.cc"],
+    depends=[_FFI_COMMON],
     language="c++",
     optional=not _REQUIRE_NATIVE,
   ),
@@ -69,13 +71,15 @@ _NATIVE_EXTENSIONS = [
   Extension(
     "sparsejax._src.kernels._sparse_train_native",
     sources=["sparsejax/_src/kernels/csrc/sparse_train_ffi.cc"],
+    depends=[_FFI_COMMON],
     language="c++",
     optional=not _REQUIRE_NATIVE,
   ),
   # Exact top-k selection of DST mask updates (sparsejax/_src/primitives/native_select.py).
   Extension(
     "sparsejax._src.primitives._select_native",
-    sources=["sparsejax/_src/primitives/csrc/select_ffi.cc"],
+    sources=["sparsejax/_src/kernels/csrc/select_ffi.cc"],
+    depends=[_FFI_COMMON],
     language="c++",
     optional=not _REQUIRE_NATIVE,
   ),

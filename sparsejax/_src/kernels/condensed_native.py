@@ -15,13 +15,12 @@ ICLR 2024, https://arxiv.org/abs/2305.02299.
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sparsejax._src.primitives import native_ext
 
 __all__ = [
   "FFI_TARGET",
@@ -39,52 +38,25 @@ FFI_TARGET = "sparsejax_condensed_matmul"
 _MODES = {"auto": 0, "gather": 1, "tiled": 2, "gather512": 3}
 _ISAS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2}
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {"loaded": None, "reason": "not loaded yet", "isa": None}
-
-
-def _load() -> bool:
-  """Imports the extension and registers its FFI target once; returns success."""
-  with _lock:
-    if _state["loaded"] is not None:
-      return _state["loaded"]
-    if os.environ.get("SPARSEJAX_DISABLE_NATIVE", "").strip() not in ("", "0"):
-      _state.update(loaded=False, reason="disabled by SPARSEJAX_DISABLE_NATIVE")
-      return False
-    try:
-      from sparsejax._src.kernels import _condensed_native as ext  # type: ignore[attr-defined]
-    except ImportError as e:
-      _state.update(
-        loaded=False,
-        reason=f"extension sparsejax._src.kernels._condensed_native is not built ({e})",
-      )
-      return False
-    try:
-      for name, capsule in ext.registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    except Exception as e:  # noqa: BLE001 - any registration failure means "no native".
-      _state.update(loaded=False, reason=f"XLA FFI registration failed: {e!r}")
-      return False
-    _state.update(loaded=True, reason="", isa=ext.cpu_isa())
-    return True
+_EXT = native_ext.NativeExtension(
+  "sparsejax._src.kernels._condensed_native", "native condensed kernel"
+)
 
 
 def native_available() -> bool:
   """Returns whether the native condensed kernel is built and registered with XLA."""
-  return _load()
+  return _EXT.load()
 
 
 def native_unavailable_reason() -> str:
   """Returns why the native kernel is unavailable (empty string if it is available)."""
-  _load()
-  return _state["reason"]
+  return _EXT.reason
 
 
 def native_cpu_isa() -> str | None:
   """Returns the SIMD level the kernel uses here: ``"avx512"``, ``"avx2"``,
   ``"portable"``, or ``None`` if the kernel is unavailable."""
-  _load()
-  return _state["isa"]
+  return None if _EXT.ext is None else _EXT.ext.cpu_isa()
 
 
 def native_matmul(
@@ -128,8 +100,7 @@ def native_matmul(
     RuntimeError: if the native kernel is unavailable.
     ValueError: on dtype or shape errors.
   """
-  if not _load():
-    raise RuntimeError(f"native condensed kernel unavailable: {_state['reason']}")
+  _EXT.require()
   if mode not in _MODES:
     raise ValueError(f"mode must be one of {sorted(_MODES)}, got {mode!r}")
   if isa not in _ISAS:

@@ -18,14 +18,12 @@ Reference: SparseProp (Nikdan et al. 2023, arXiv:2302.04852) for the batch-minor
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax._src.primitives import native_ext
 from sparsejax._src.transforms import sparse_topology
 from sparsejax._src.transforms.sparse_topology import CSRTopology
 
@@ -50,52 +48,25 @@ ISAS = {"auto": -1, "portable": 0, "avx2": 1, "avx512": 2}
 
 _FEATURE_MAJOR = (1, 0)  # major-to-minor: the feature axis is major, the batch minor.
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {"loaded": None, "reason": "not loaded yet", "isa": None}
-
-
-def _load() -> bool:
-  """Imports the extension and registers its FFI targets once; returns success."""
-  with _lock:
-    if _state["loaded"] is not None:
-      return _state["loaded"]
-    if os.environ.get("SPARSEJAX_DISABLE_NATIVE", "").strip() not in ("", "0"):
-      _state.update(loaded=False, reason="disabled by SPARSEJAX_DISABLE_NATIVE")
-      return False
-    try:
-      from sparsejax._src.kernels import _sparse_train_native as ext  # type: ignore[attr-defined]
-    except ImportError as e:
-      _state.update(
-        loaded=False,
-        reason=f"extension sparsejax._src.kernels._sparse_train_native is not built ({e})",
-      )
-      return False
-    try:
-      for name, capsule in ext.registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    except Exception as e:  # noqa: BLE001 - any registration failure means "no native".
-      _state.update(loaded=False, reason=f"XLA FFI registration failed: {e!r}")
-      return False
-    _state.update(loaded=True, reason="", isa=ext.cpu_isa())
-    return True
+_EXT = native_ext.NativeExtension(
+  "sparsejax._src.kernels._sparse_train_native", "native sparse training kernels"
+)
 
 
 def native_available() -> bool:
   """Whether the native training kernels are built and registered with XLA."""
-  return _load()
+  return _EXT.load()
 
 
 def native_unavailable_reason() -> str:
   """Why the native kernels are unavailable (empty string when they are available)."""
-  _load()
-  return _state["reason"]
+  return _EXT.reason
 
 
 def native_cpu_isa() -> str | None:
   """The SIMD level the kernels use here (``"avx512"``, ``"avx2"``, ``"portable"``), or
   ``None`` when they are unavailable."""
-  _load()
-  return _state["isa"]
+  return None if _EXT.ext is None else _EXT.ext.cpu_isa()
 
 
 def _attrs(isa: str, threads: int, tile: int) -> dict[str, np.int64]:
@@ -105,8 +76,7 @@ def _attrs(isa: str, threads: int, tile: int) -> dict[str, np.int64]:
 
 
 def _require() -> None:
-  if not _load():
-    raise RuntimeError(f"native sparse training kernels unavailable: {_state['reason']}")
+  _EXT.require()
 
 
 def native_forward(

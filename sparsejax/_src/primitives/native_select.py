@@ -1,11 +1,12 @@
 """The native CPU twin of the exact top-k selection (an XLA FFI call).
 
-``sparsejax/_src/primitives/csrc/select_ffi.cc`` is compiled at install time by
+``sparsejax/_src/kernels/csrc/select_ffi.cc`` is compiled at install time by
 ``setup.py`` into ``sparsejax._src.primitives._select_native``. It computes exactly what
 ``selection._select_2d`` computes (same keys, same thresholds, ties by index; the tests
 compare the two on every strategy), as one custom call: a mask update on the CPU then
 compiles to a few dozen XLA kernels instead of several hundred, which is most of its
-compile time and of its compile-time memory, and runs 2-5x faster (benchmarks/RESULTS.md).
+compile time and of its compile-time memory, and one selection runs 1.4-4.6x faster
+(benchmarks/RESULTS.md).
 
 It is used only where it cannot change a program's memory layout: on a CPU process with
 one device (``jax.device_count() == 1``). With several devices an array may be sharded,
@@ -17,58 +18,31 @@ XLA path is used.
 
 from __future__ import annotations
 
-import os
-import threading
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparsejax._src.primitives import native_ext
+
 TARGET = "sparsejax_select"
 
-_lock = threading.Lock()
-_state: dict[str, Any] = {"loaded": None, "reason": "not loaded yet"}
-
-
-def _load() -> bool:
-  """Imports the extension and registers its FFI target once; returns success."""
-  with _lock:
-    if _state["loaded"] is not None:
-      return _state["loaded"]
-    if os.environ.get("SPARSEJAX_DISABLE_NATIVE", "").strip() not in ("", "0"):
-      _state.update(loaded=False, reason="disabled by SPARSEJAX_DISABLE_NATIVE")
-      return False
-    try:
-      from sparsejax._src.primitives import _select_native as ext  # type: ignore[attr-defined]
-    except ImportError as e:
-      _state.update(loaded=False, reason=f"extension _select_native is not built ({e})")
-      return False
-    try:
-      for name, capsule in ext.registrations().items():
-        jax.ffi.register_ffi_target(name, capsule, platform="cpu")
-    except Exception as e:  # noqa: BLE001 - any registration failure means "no native".
-      _state.update(loaded=False, reason=f"XLA FFI registration failed: {e!r}")
-      return False
-    _state.update(loaded=True, reason="")
-    return True
+_EXT = native_ext.NativeExtension("sparsejax._src.primitives._select_native", "native selection")
 
 
 def available() -> bool:
   """Whether the native selection is built and registered with XLA."""
-  return _load()
+  return _EXT.load()
 
 
 def unavailable_reason() -> str:
   """Why the native selection is unavailable (empty string when it is available)."""
-  _load()
-  return _state["reason"]
+  return _EXT.reason
 
 
 def usable() -> bool:
   """Whether selections traced now may take the native path: it is available and the
   process has one device (no array can be sharded)."""
-  return _load() and jax.device_count() == 1
+  return _EXT.load() and jax.device_count() == 1
 
 
 def select_2d(
@@ -94,8 +68,7 @@ def select_2d(
   Returns:
     bool ``[L, G]``.
   """
-  if not _load():
-    raise RuntimeError(f"native selection unavailable: {_state['reason']}")
+  _EXT.require()
   call = jax.ffi.ffi_call(
     TARGET, jax.ShapeDtypeStruct(scores.shape, jnp.bool_), vmap_method="sequential"
   )

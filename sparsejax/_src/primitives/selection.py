@@ -28,7 +28,7 @@ selection with no ``n log n`` sort, which is what makes mask updates of 4096² l
 (see ``benchmarks/mask_update.py``).
 
 On a one-device CPU process the whole selection is instead one native FFI call
-(``native_select.py``, ``csrc/select_ffi.cc``) with the same result bit for bit: the
+(``native_select.py``, ``kernels/csrc/select_ffi.cc``) with the same result bit for bit: the
 program then holds one custom call per selection rather than a few dozen XLA kernels,
 which is most of a mask update's compile time and compile-time memory.
 """

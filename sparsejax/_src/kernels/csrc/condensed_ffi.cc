@@ -49,6 +49,7 @@
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
+#include "ffi_common.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12 reports false positives inside the AVX-512 intrinsic headers
@@ -440,29 +441,6 @@ struct Aligned {
   Aligned& operator=(const Aligned&) = delete;
 };
 
-// Shared between the caller and helper tasks; helpers keep it alive.
-struct WorkState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n_chunks = 0;          // n_tiles * chunks_per_tile
-  int64_t chunks_per_tile = 0;
-  int64_t chunk_rows = 0;
-  Problem problem{};
-  RowFn fn = nullptr;
-};
-
-void RunChunks(WorkState& s) {
-  for (;;) {
-    const int64_t c = s.next.fetch_add(1, std::memory_order_relaxed);
-    if (c >= s.n_chunks) return;
-    const int64_t tile = c / s.chunks_per_tile;
-    const int64_t r0 = (c % s.chunks_per_tile) * s.chunk_rows;
-    const int64_t r1 = std::min(s.problem.R, r0 + s.chunk_rows);
-    s.fn(s.problem, tile, r0, r1);
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 // Transposes x [B, K] into tiles [T, K, TW] (zero padded), 64 inputs at a time
 // to keep both sides cache friendly.
 void TransposeTiles(const Problem& p, float* xt) {
@@ -487,24 +465,15 @@ void TransposeTiles(const Problem& p, float* xt) {
 // Runs fn over all (tile, row chunk) pairs on the caller and n_threads - 1
 // helpers from XLA's intra-op pool.
 void RunParallel(ffi::ThreadPool& pool, const Problem& p, RowFn fn, int64_t n_threads) {
-  auto state = std::make_shared<WorkState>();
-  state->problem = p;
-  state->fn = fn;
   if (p.R * p.k * p.B < kMinParallelWork) n_threads = 1;
   // A few chunks per thread balances load when a core is shared.
   int64_t per_tile = std::min<int64_t>(p.R, n_threads == 1 ? 1 : 8 * n_threads);
-  state->chunk_rows = (p.R + per_tile - 1) / per_tile;
-  per_tile = (p.R + state->chunk_rows - 1) / state->chunk_rows;
-  state->chunks_per_tile = per_tile;
-  state->n_chunks = per_tile * p.n_tiles;
-  for (int64_t t = 1; t < std::min(n_threads, state->n_chunks); ++t) {
-    pool.Schedule([state]() { RunChunks(*state); });
-  }
-  RunChunks(*state);
-  // Chunks claimed by helpers finish promptly; unclaimed ones were run above.
-  while (state->done.load(std::memory_order_acquire) < state->n_chunks) {
-    std::this_thread::yield();
-  }
+  const int64_t chunk_rows = (p.R + per_tile - 1) / per_tile;
+  per_tile = (p.R + chunk_rows - 1) / chunk_rows;
+  sparsejax_ffi::ParallelFor(pool, n_threads, per_tile * p.n_tiles, [&](int64_t c) {
+    const int64_t r0 = (c % per_tile) * chunk_rows;
+    fn(p, c / per_tile, r0, std::min(p.R, r0 + chunk_rows));
+  });
 }
 
 std::string DimsToString(ffi::AnyBuffer::Dimensions d) {
@@ -644,17 +613,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxCondensedMatmul, sparsejax::CondensedMatm
 // ----------------------------------------------------------------------------
 
 static PyObject* Registrations(PyObject*, PyObject*) {
-  PyObject* dict = PyDict_New();
-  if (dict == nullptr) return nullptr;
-  PyObject* capsule =
-      PyCapsule_New(reinterpret_cast<void*>(&SparsejaxCondensedMatmul), nullptr, nullptr);
-  if (capsule == nullptr || PyDict_SetItemString(dict, "sparsejax_condensed_matmul", capsule)) {
-    Py_XDECREF(capsule);
-    Py_DECREF(dict);
-    return nullptr;
-  }
-  Py_DECREF(capsule);
-  return dict;
+  return sparsejax_ffi::RegistrationDict(
+      {{"sparsejax_condensed_matmul", reinterpret_cast<void*>(&SparsejaxCondensedMatmul)}});
 }
 
 static PyObject* CpuIsa(PyObject*, PyObject*) {

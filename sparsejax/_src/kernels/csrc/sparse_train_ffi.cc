@@ -55,6 +55,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "ffi_common.h"
 
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -491,42 +492,7 @@ SddmmFn<IdxT> SelectSddmm(int isa) {
 
 int64_t Lanes(int isa) { return isa >= kAvx512 ? 16 : (isa >= kAvx2 ? 8 : 16); }
 
-// Shared between the caller and helper tasks; helpers keep it alive.
-struct WorkState {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n_items = 0;
-  std::function<void(int64_t)> fn;
-};
-
-void RunItems(WorkState& s) {
-  for (;;) {
-    const int64_t i = s.next.fetch_add(1, std::memory_order_relaxed);
-    if (i >= s.n_items) return;
-    s.fn(i);
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
-// Runs fn(0 .. n_items-1) on the caller and up to n_threads - 1 pool helpers.
-void RunParallel(ffi::ThreadPool& pool, int64_t n_threads, int64_t n_items,
-                 std::function<void(int64_t)> fn) {
-  if (n_items <= 0) return;
-  if (n_threads <= 1 || n_items == 1) {
-    for (int64_t i = 0; i < n_items; ++i) fn(i);
-    return;
-  }
-  auto state = std::make_shared<WorkState>();
-  state->n_items = n_items;
-  state->fn = std::move(fn);
-  for (int64_t t = 1; t < std::min(n_threads, n_items); ++t) {
-    pool.Schedule([state]() { RunItems(*state); });
-  }
-  RunItems(*state);
-  while (state->done.load(std::memory_order_acquire) < state->n_items) {
-    std::this_thread::yield();
-  }
-}
+using sparsejax_ffi::ParallelFor;
 
 // Splits rows 0..n_rows into at most n_chunks ranges of about equal nnz (and >= 1 row).
 std::vector<int64_t> ChunkRows(const int32_t* ptr, int64_t n_rows, int64_t n_chunks) {
@@ -573,7 +539,7 @@ void RunSpmm(ffi::ThreadPool& pool, const Spmm<IdxT>& a, int64_t n_rows, int isa
   const std::vector<int64_t> bounds = ChunkRows(a.ptr, n_rows, th.n == 1 ? 1 : 8 * th.n);
   const int64_t n_chunks = static_cast<int64_t>(bounds.size()) - 1;
   const SpmmFn<IdxT> fn = SelectSpmm<IdxT>(isa);
-  RunParallel(pool, th.n, n_tiles * n_chunks, [&, tw](int64_t item) {
+  ParallelFor(pool, th.n, n_tiles * n_chunks, [&, tw](int64_t item) {
     const int64_t t = item / n_chunks, c = item % n_chunks;
     const int64_t b0 = t * tw, nb = std::min(tw, a.B - b0);
     if (nb > 0) fn(a, b0, nb, bounds[c], bounds[c + 1]);
@@ -589,7 +555,7 @@ void RunSddmm(ffi::ThreadPool& pool, const Sddmm<IdxT>& a, int64_t n_rows, int i
   const std::vector<int64_t> bounds = ChunkRows(a.ptr, n_rows, th.n == 1 ? 1 : 8 * th.n);
   const int64_t n_chunks = static_cast<int64_t>(bounds.size()) - 1;
   const SddmmFn<IdxT> fn = SelectSddmm<IdxT>(isa);
-  RunParallel(pool, th.n, n_chunks, [&](int64_t c) { fn(a, bounds[c], bounds[c + 1]); });
+  ParallelFor(pool, th.n, n_chunks, [&](int64_t c) { fn(a, bounds[c], bounds[c + 1]); });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -814,7 +780,7 @@ ffi::Error ToDenseImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
   const Threads th = PickThreads(pool, 0, n_in * n_out);
   const std::vector<int64_t> b = ChunkRows(csc_ptr.typed_data(), n_in, th.n == 1 ? 1 : 4 * th.n);
   const int64_t nc = static_cast<int64_t>(b.size()) - 1;
-  RunParallel(pool, th.n, nc, [&](int64_t c) {
+  ParallelFor(pool, th.n, nc, [&](int64_t c) {
     if (csc_row.element_type() == ffi::DataType::S16) {
       CscToDense(values.typed_data(), csc_ptr.typed_data(),
                  static_cast<const int16_t*>(csc_row.untyped_data()), csc_slot.typed_data(), b[c],
@@ -839,7 +805,7 @@ ffi::Error ToMaskImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::S32> csc_ptr, ffi::
   const std::vector<int64_t> b = ChunkRows(csc_ptr.typed_data(), n_in, th.n == 1 ? 1 : 4 * th.n);
   const int64_t nc = static_cast<int64_t>(b.size()) - 1;
   bool* out = reinterpret_cast<bool*>(mask->untyped_data());
-  RunParallel(pool, th.n, nc, [&](int64_t c) {
+  ParallelFor(pool, th.n, nc, [&](int64_t c) {
     if (csc_row.element_type() == ffi::DataType::S16) {
       CscToMask(csc_ptr.typed_data(), static_cast<const int16_t*>(csc_row.untyped_data()), b[c],
                 b[c + 1], n_out, out);
@@ -1038,26 +1004,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxCsrRebuild, sparsejax_train::RebuildImpl,
 // Python module: hands the handlers to jax.ffi.register_ffi_target.
 // ---------------------------------------------------------------------------------------
 
-static bool AddCapsule(PyObject* dict, const char* name, void* fn) {
-  PyObject* capsule = PyCapsule_New(fn, nullptr, nullptr);
-  if (capsule == nullptr) return false;
-  const int rc = PyDict_SetItemString(dict, name, capsule);
-  Py_DECREF(capsule);
-  return rc == 0;
-}
-
 static PyObject* Registrations(PyObject*, PyObject*) {
-  PyObject* dict = PyDict_New();
-  if (dict == nullptr) return nullptr;
-  if (!AddCapsule(dict, "sparsejax_sparse_fwd", reinterpret_cast<void*>(&SparsejaxSparseForward)) ||
-      !AddCapsule(dict, "sparsejax_sparse_bwd", reinterpret_cast<void*>(&SparsejaxSparseBackward)) ||
-      !AddCapsule(dict, "sparsejax_csr_to_dense", reinterpret_cast<void*>(&SparsejaxCsrToDense)) ||
-      !AddCapsule(dict, "sparsejax_csr_mask", reinterpret_cast<void*>(&SparsejaxCsrMask)) ||
-      !AddCapsule(dict, "sparsejax_csr_rebuild", reinterpret_cast<void*>(&SparsejaxCsrRebuild))) {
-    Py_DECREF(dict);
-    return nullptr;
-  }
-  return dict;
+  return sparsejax_ffi::RegistrationDict({
+      {"sparsejax_sparse_fwd", reinterpret_cast<void*>(&SparsejaxSparseForward)},
+      {"sparsejax_sparse_bwd", reinterpret_cast<void*>(&SparsejaxSparseBackward)},
+      {"sparsejax_csr_to_dense", reinterpret_cast<void*>(&SparsejaxCsrToDense)},
+      {"sparsejax_csr_mask", reinterpret_cast<void*>(&SparsejaxCsrMask)},
+      {"sparsejax_csr_rebuild", reinterpret_cast<void*>(&SparsejaxCsrRebuild)},
+  });
 }
 
 static PyObject* CpuIsa(PyObject*, PyObject*) {

@@ -30,14 +30,11 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <atomic>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "ffi_common.h"
 
 namespace ffi = xla::ffi;
 
@@ -74,40 +71,18 @@ inline uint32_t TopDigit(const uint32_t* hist, int64_t n_bins, int64_t& need) {
   return static_cast<uint32_t>(d);
 }
 
-// ---------------------------------------------------------------------------------------
-// Threads: items are claimed from an atomic counter by the caller and by helpers scheduled
-// on XLA's intra-op pool; the caller never waits for an item nobody claimed (no deadlock
-// when the pool is busy). Results never depend on the number of threads.
-// ---------------------------------------------------------------------------------------
+using sparsejax_ffi::ParallelFor;
 
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t n_items = 0;
-  std::function<void(int64_t)> fn;
-};
-
-void Drain(Work& w) {
-  for (int64_t i; (i = w.next.fetch_add(1, std::memory_order_relaxed)) < w.n_items;) {
-    w.fn(i);
-    w.done.fetch_add(1, std::memory_order_release);
+// Sums `parts` histograms of `bins` bins each into `merged`; returns the total count.
+int64_t Merge(const std::vector<uint32_t>& hist, int64_t parts, int64_t bins,
+              std::vector<uint32_t>& merged) {
+  std::fill(merged.begin(), merged.end(), 0u);
+  int64_t total = 0;
+  for (int64_t p = 0; p < parts; ++p) {
+    for (int64_t b = 0; b < bins; ++b) merged[b] += hist[p * bins + b];
   }
-}
-
-void ParallelFor(ffi::ThreadPool& pool, int64_t n_threads, int64_t n_items,
-                 std::function<void(int64_t)> fn) {
-  if (n_threads <= 1 || n_items <= 1) {
-    for (int64_t i = 0; i < n_items; ++i) fn(i);
-    return;
-  }
-  auto work = std::make_shared<Work>();
-  work->n_items = n_items;
-  work->fn = std::move(fn);
-  for (int64_t t = 1; t < std::min(n_threads, n_items); ++t) {
-    pool.Schedule([work]() { Drain(*work); });
-  }
-  Drain(*work);
-  while (work->done.load(std::memory_order_acquire) < n_items) std::this_thread::yield();
+  for (int64_t b = 0; b < bins; ++b) total += merged[b];
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -124,7 +99,7 @@ void SelectWhole(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
   }
   const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
   const auto begin = [&](int64_t p) { return n * p / parts; };
-  std::vector<uint32_t> hist(static_cast<size_t>(parts * kBins), 0);
+  std::vector<uint32_t> hist(static_cast<size_t>(parts * kBins), 0), merged(kBins);
   ParallelFor(pool, parts, parts, [&](int64_t p) {
     uint32_t* h = hist.data() + p * kBins;
     for (int64_t i = begin(p); i < begin(p + 1); ++i) {
@@ -132,14 +107,7 @@ void SelectWhole(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
       if (key != 0) ++h[key >> 16];
     }
   });
-  std::vector<uint32_t> merged(kBins, 0);
-  int64_t total = 0;
-  for (int64_t p = 0; p < parts; ++p) {
-    for (int64_t b = 1; b < kBins; ++b) merged[b] += hist[p * kBins + b];
-    merged[0] += hist[p * kBins];
-  }
-  for (int64_t b = 0; b < kBins; ++b) total += merged[b];
-  if (k >= total) {  // every candidate
+  if (k >= Merge(hist, parts, kBins, merged)) {  // every candidate
     ParallelFor(pool, parts, parts, [&](int64_t p) {
       for (int64_t i = begin(p); i < begin(p + 1); ++i) out[i] = KeyAt(scores, cands, i) != 0;
     });
@@ -155,15 +123,12 @@ void SelectWhole(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
       if (key != 0 && (key >> 16) == hi) ++h[key & 0xFFFFu];
     }
   });
-  std::fill(merged.begin(), merged.end(), 0u);
-  for (int64_t p = 0; p < parts; ++p)
-    for (int64_t b = 0; b < kBins; ++b) merged[b] += hist[p * kBins + b];
+  Merge(hist, parts, kBins, merged);
   const uint32_t lo = TopDigit(merged.data(), kBins, need);
   const uint32_t threshold = (hi << 16) | lo;
-  std::vector<int64_t> ties_before(parts, 0);  // ties at the threshold in earlier parts
-  for (int64_t p = 1; p < parts; ++p) ties_before[p] = ties_before[p - 1] + hist[(p - 1) * kBins + lo];
   ParallelFor(pool, parts, parts, [&](int64_t p) {
-    int64_t taken = ties_before[p];  // the first `need` ties in flat order are kept
+    int64_t taken = 0;  // ties at the threshold before this part: the first `need` are kept
+    for (int64_t q = 0; q < p; ++q) taken += hist[q * kBins + lo];
     for (int64_t i = begin(p); i < begin(p + 1); ++i) {
       const uint32_t key = KeyAt(scores, cands, i);
       out[i] = key > threshold || (key == threshold && taken++ < need);
@@ -172,33 +137,21 @@ void SelectWhole(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
 }
 
 // ---------------------------------------------------------------------------------------
-// Per column: blocks of 64 columns are the items. A block's keys are transposed into a
-// [64, L] scratch while the top byte of every key is counted; each column then keeps only
-// the keys in its threshold's top-byte bucket (usually a handful) for the three remaining
-// 8-bit digits; the block is written row by row, ties taken in row order.
+// Per column, in blocks of 64 columns (each thread takes a contiguous range of blocks,
+// with its own scratch): the block's keys are transposed into a [64, L] scratch while
+// the top byte of every key is counted; each column then keeps only the keys in its
+// threshold's top-byte bucket (usually a handful) for the three remaining 8-bit digits;
+// the block is written row by row, ties taken in row order.
 // ---------------------------------------------------------------------------------------
 
-struct ColumnScratch {
-  std::vector<uint32_t> keys, bucket;
-  std::vector<std::array<uint32_t, 256>> hist;
-  explicit ColumnScratch(int64_t rows)
-      : keys(static_cast<size_t>(kColumnBlock * rows)), bucket(static_cast<size_t>(rows)),
-        hist(kColumnBlock) {}
-};
-
-// Threshold of one column from its top-byte histogram and keys; see SelectColumns.
+// Threshold of one column from its top-byte histogram and keys: k <= 0 gives (max, 0),
+// nothing; k >= #candidates gives (0, 0), every candidate.
 void ColumnThreshold(const uint32_t* keys, int64_t rows, const std::array<uint32_t, 256>& top,
                      int64_t k, uint32_t* bucket, uint32_t& threshold, int64_t& need) {
   int64_t total = 0;
-  for (int64_t d = 1; d < 256; ++d) total += top[d];
-  total += top[0];
-  if (k <= 0) {  // nothing: no key is above the largest, and no tie is taken
-    threshold = 0xFFFFFFFFu;
-    need = 0;
-    return;
-  }
-  if (k >= total) {  // every candidate: every key above 0
-    threshold = 0;
+  for (const uint32_t count : top) total += count;
+  if (k <= 0 || k >= total) {
+    threshold = k <= 0 ? 0xFFFFFFFFu : 0u;
     need = 0;
     return;
   }
@@ -225,48 +178,39 @@ void ColumnThreshold(const uint32_t* keys, int64_t rows, const std::array<uint32
 void SelectColumns(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
                    const bool* cands, int64_t rows, int64_t cols, const int32_t* k, bool* out) {
   const int64_t n_blocks = (cols + kColumnBlock - 1) / kColumnBlock;
-  if (rows * cols < kMinParallel) n_threads = 1;
-  // One scratch per running thread: a block claims a free slot (there always is one, as
-  // at most n_threads blocks run at once) and allocates its scratch on first use.
-  const size_t n_slots = static_cast<size_t>(std::min(n_threads, n_blocks));
-  std::vector<std::unique_ptr<ColumnScratch>> scratch(n_slots);
-  std::vector<std::atomic<bool>> busy(n_slots);
-  for (auto& b : busy) b.store(false);
-  ParallelFor(pool, n_threads, n_blocks, [&](int64_t block) {
-    size_t slot = 0;
-    for (;; slot = (slot + 1) % n_slots) {
-      bool expected = false;
-      if (busy[slot].compare_exchange_weak(expected, true, std::memory_order_acquire)) break;
-    }
-    if (!scratch[slot]) scratch[slot] = std::make_unique<ColumnScratch>(rows);
-    ColumnScratch& s = *scratch[slot];
-    const int64_t j0 = block * kColumnBlock;
-    const int64_t nb = std::min(kColumnBlock, cols - j0);
-    for (int64_t c = 0; c < nb; ++c) s.hist[c].fill(0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t base = r * cols + j0;
-      for (int64_t c = 0; c < nb; ++c) {
-        const uint32_t key = KeyAt(scores, cands, base + c);
-        s.keys[c * rows + r] = key;
-        if (key != 0) ++s.hist[c][key >> 24];
-      }
-    }
+  const int64_t parts =
+      rows * cols < kMinParallel ? 1 : std::max<int64_t>(1, std::min(n_threads, n_blocks));
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    std::vector<uint32_t> keys(static_cast<size_t>(kColumnBlock * rows));
+    std::vector<uint32_t> bucket(static_cast<size_t>(rows));
+    std::vector<std::array<uint32_t, 256>> top(kColumnBlock);
     uint32_t threshold[kColumnBlock];
     int64_t need[kColumnBlock], taken[kColumnBlock];
-    for (int64_t c = 0; c < nb; ++c) {
-      ColumnThreshold(s.keys.data() + c * rows, rows, s.hist[c], k[j0 + c], s.bucket.data(),
-                      threshold[c], need[c]);
-      taken[c] = 0;
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      bool* row_out = out + r * cols + j0;
+    for (int64_t block = n_blocks * p / parts; block < n_blocks * (p + 1) / parts; ++block) {
+      const int64_t j0 = block * kColumnBlock;
+      const int64_t nb = std::min(kColumnBlock, cols - j0);
+      for (int64_t c = 0; c < nb; ++c) top[c].fill(0);
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = 0; c < nb; ++c) {
+          const uint32_t key = KeyAt(scores, cands, r * cols + j0 + c);
+          keys[c * rows + r] = key;
+          if (key != 0) ++top[c][key >> 24];
+        }
+      }
       for (int64_t c = 0; c < nb; ++c) {
-        const uint32_t key = s.keys[c * rows + r];
-        row_out[c] =
-            key != 0 && (key > threshold[c] || (key == threshold[c] && taken[c]++ < need[c]));
+        ColumnThreshold(keys.data() + c * rows, rows, top[c], k[j0 + c], bucket.data(),
+                        threshold[c], need[c]);
+        taken[c] = 0;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        bool* row_out = out + r * cols + j0;
+        for (int64_t c = 0; c < nb; ++c) {
+          const uint32_t key = keys[c * rows + r];
+          row_out[c] =
+              key != 0 && (key > threshold[c] || (key == threshold[c] && taken[c]++ < need[c]));
+        }
       }
     }
-    busy[slot].store(false, std::memory_order_release);
   });
 }
 
@@ -316,16 +260,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxSelect, sparsejax_select::SelectImpl,
                                   .Attr<int64_t>("threads"));
 
 static PyObject* Registrations(PyObject*, PyObject*) {
-  PyObject* dict = PyDict_New();
-  if (dict == nullptr) return nullptr;
-  PyObject* capsule = PyCapsule_New(reinterpret_cast<void*>(&SparsejaxSelect), nullptr, nullptr);
-  if (capsule == nullptr || PyDict_SetItemString(dict, "sparsejax_select", capsule)) {
-    Py_XDECREF(capsule);
-    Py_DECREF(dict);
-    return nullptr;
-  }
-  Py_DECREF(capsule);
-  return dict;
+  return sparsejax_ffi::RegistrationDict(
+      {{"sparsejax_select", reinterpret_cast<void*>(&SparsejaxSelect)}});
 }
 
 static PyMethodDef kMethods[] = {
