@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import numpy as np
 
 
 def cpu_model() -> str:
@@ -36,6 +37,11 @@ def environment() -> str:
 def block(x):
   """``jax.block_until_ready(x)``."""
   return jax.block_until_ready(x)
+
+
+def on_device(value: int) -> jax.Array:
+  """An int32 scalar committed to the default device (made before any timing starts)."""
+  return jax.device_put(np.int32(value), jax.devices()[0])
 
 
 def interleaved(

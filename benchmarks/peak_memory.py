@@ -8,7 +8,7 @@ reports each compiled step's XLA temp buffer (``memory_analysis().temp_size_in_b
 on CPU, a temp buffer above glibc's 32 MiB mmap threshold is mapped afresh and
 page-faulted on every step, which is what DST's update branch must stay clear of.
 
-Run:  python benchmarks/peak_memory.py            (about 2 minutes)
+Run:  python benchmarks/peak_memory.py            (about 3 minutes: 3 repeats)
       python benchmarks/peak_memory.py --quick    (smoke run)
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -91,6 +92,7 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="256-wide MLP, 120 steps")
   parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
   parser.add_argument("--steps", type=int, default=None)
+  parser.add_argument("--repeats", type=int, default=3, help="child runs per method (median)")
   args = parser.parse_args()
   width = 256 if args.quick else 1024
   steps = args.steps or (120 if args.quick else 300)
@@ -99,25 +101,45 @@ def main() -> None:
     return
   root = Path(__file__).resolve().parents[1]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  rows = {}
-  for method in METHODS:
-    out = subprocess.run(
-      [sys.executable, __file__, "--child", method, "--steps", str(steps)]
-      + (["--quick"] if args.quick else []),
-      capture_output=True,
-      text=True,
-      check=True,
-      cwd=root,
-      env=env,
-    )
-    rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
+  runs = {method: [] for method in METHODS}
+  # Interleaved repeats (dense, static, ..., dense, static, ...), median per method: one
+  # child's peak varies by ±20 MiB from run to run (which allocator arena serves which
+  # thread), as much as the differences measured.
+  for _ in range(args.repeats):
+    for method in METHODS:
+      out = subprocess.run(
+        [sys.executable, __file__, "--child", method, "--steps", str(steps)]
+        + (["--quick"] if args.quick else []),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=root,
+        env=env,
+      )
+      runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+  rows = {
+    m: {
+      "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in rs),
+      "range": (min(r["peak_rss_mib"] for r in rs), max(r["peak_rss_mib"] for r in rs)),
+      "temp_mib": rs[0]["temp_mib"],
+      "seconds": statistics.median(r["seconds"] for r in rs),
+    }
+    for m, rs in runs.items()
+  }
   dense = rows["dense"]["peak_rss_mib"]
-  print(f"MLP 784-3x{width}-10, batch 128, {steps} steps (ΔT=100), one child process per method")
-  print(f"{'method':<8} {'peak RSS MiB':>13} {'vs dense':>9} {'XLA temp MiB':>13} {'run s':>7}")
+  print(
+    f"MLP 784-3x{width}-10, batch 128, {steps} steps (ΔT=100), one child process per method "
+    f"and repeat, median of {args.repeats} interleaved repeats"
+  )
+  print(
+    f"{'method':<8} {'peak RSS MiB':>13} {'(min-max)':>13} {'vs dense':>9} {'XLA temp MiB':>13} "
+    f"{'run s':>7}"
+  )
   for method, r in rows.items():
+    low, high = r["range"]
     print(
-      f"{method:<8} {r['peak_rss_mib']:13.1f} {r['peak_rss_mib'] / dense:9.3f} "
-      f"{r['temp_mib']:13.1f} {r['seconds']:7.2f}"
+      f"{method:<8} {r['peak_rss_mib']:13.1f} {f'{low:.0f}-{high:.0f}':>13} "
+      f"{r['peak_rss_mib'] / dense:9.3f} {r['temp_mib']:13.1f} {r['seconds']:7.2f}"
     )
   worst = max((r["peak_rss_mib"] / dense, m) for m, r in rows.items() if m != "dense")
   print(f"headline: worst DST peak RSS {worst[0]:.3f}x dense ({worst[1]})")
