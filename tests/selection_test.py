@@ -1,5 +1,7 @@
 """Tests of the exact top-k selection and drop-and-grow primitives."""
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -254,7 +256,8 @@ def test_topk_mask_host_equals_topk_mask(shape):
 
 
 def test_initial_masks_are_the_same_eager_and_under_jit():
-  """tx.init selects on the host when eager (Unstructured) and in XLA under jit: same masks."""
+  """tx.init draws and selects on the host when eager (unstructured, constant fan-in, N:M:
+  no mask program is compiled) and in XLA under jit: the same masks."""
   import optax
 
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -263,11 +266,19 @@ def test_initial_masks_are_the_same_eager_and_under_jit():
     "b": {"kernel": jax.random.normal(keys[1], (3, 3, 8, 16))},
     "c": {"kernel": jax.random.normal(keys[2], (48, 10))},
   }
+  from sparsejax._src.transforms import pruning
+
+  def no_program(*args):
+    raise AssertionError(f"an eager init compiled a mask program: {args}")
+
   for tx in (
-    sj.rigl(optax.sgd(0.1), sparsity=0.9, end_step=10),
+    sj.rigl(optax.sgd(0.1), sparsity=0.9, end_step=10, update_every=5),
     sj.static_sparse(optax.sgd(0.1), sparsity=0.7, distribution="uniform"),
+    sj.srigl(optax.sgd(0.1), sparsity=0.8, end_step=10, update_every=5, last_layer="^c/"),
+    sj.static_sparse(optax.sgd(0.1), structure=sj.NM(2, 4)),
   ):
-    eager = jax.tree.leaves(sj.get_masks(tx.init(params)))
+    with mock.patch.object(pruning, "_random_mask_program", no_program):
+      eager = jax.tree.leaves(sj.get_masks(tx.init(params)))
     jitted = jax.tree.leaves(sj.get_masks(jax.jit(tx.init)(params)))
     assert len(eager) == len(jitted) == 3
     for m, j in zip(eager, jitted, strict=True):
@@ -294,3 +305,43 @@ def test_native_selection_does_not_depend_on_threads(per_column):
   for threads in (1, 2, 3, 0):
     got = native_select.select_2d(scores, k, candidates, per_column=per_column, threads=threads)
     np.testing.assert_array_equal(got, want, err_msg=f"threads={threads}")
+
+
+@pytest.mark.parametrize("shape,axis", [((12, 9), 0), ((12, 9), 1), ((4, 6, 5), 1), ((5, 7), -1)])
+def test_topk_mask_host_per_slice_equals_topk_mask(shape, axis):
+  """Per-slice host selection (constant fan-in, N:M initial masks): the XLA program's mask."""
+  from sparsejax._src.primitives import host_selection, selection
+
+  rng = np.random.default_rng(5)
+  scores = rng.integers(-2, 3, size=shape).astype(np.float32)  # many ties in every slice
+  scores[rng.random(shape) < 0.2] = -0.0
+  n = shape[axis]
+  for k in (-1, 0, 1, n // 2, n - 1, n, n + 3):
+    want = np.asarray(selection.topk_mask(jnp.asarray(scores), max(k, 0), axis=axis))
+    got = host_selection.topk_mask_host(scores, k, axis=axis)
+    assert got.dtype == bool and got.shape == shape
+    np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
+
+
+@pytest.mark.parametrize("shape", [(1,), (5,), (7, 11), (3, 3, 2, 8), (784, 64)])
+def test_host_uniform_is_jax_uniform_bit_for_bit(shape):
+  from sparsejax._src.primitives import host_random
+
+  for seed in (0, 1, 2**31 + 5):
+    key = jax.random.fold_in(jax.random.PRNGKey(seed % 2**31), seed)
+    assert host_random.supported(key)
+    got = host_random.uniform(key, shape)
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_array_equal(got, np.asarray(jax.random.uniform(key, shape)))
+
+
+def test_host_uniform_refuses_what_it_cannot_reproduce():
+  from sparsejax._src.primitives import host_random
+
+  assert not host_random.supported(jax.random.key(0))  # typed key
+  assert not host_random.supported(jnp.zeros((4,), jnp.uint32))  # not a threefry key
+  assert not host_random.supported(jax.jit(lambda k: k)(jax.random.PRNGKey(0)) + 1.0)
+  with pytest.raises(ValueError, match="`key` must be a concrete raw threefry key"):
+    host_random.uniform(jax.random.key(0), (3,))
+  with jax.threefry_partitionable(False):
+    assert not host_random.supported(jax.random.PRNGKey(0))

@@ -11,31 +11,49 @@ import numpy as np
 _SIGN_BIT = np.uint32(0x80000000)
 
 
-def topk_mask_host(scores: np.ndarray, k: int) -> np.ndarray:
-  """:func:`selection.topk_mask` over the whole array (``axis=None``), in NumPy on the host.
+def topk_mask_host(scores: np.ndarray, k: int, axis: int | None = None) -> np.ndarray:
+  """:func:`selection.topk_mask` with an integer ``k``, in NumPy on the host.
 
   The same selection, bit for bit: the scores' float32 order keys (``-0.0`` ties ``+0.0``),
-  the ``k`` largest with ties by flat index, in ``O(n)`` (a partition, no sort). For
-  concrete arrays outside ``jit`` (initial masks), where compiling a selection program
-  would cost more than running it.
+  the ``k`` largest of the whole array (``axis=None``) or of every slice along ``axis``,
+  ties by index, in ``O(n)`` (a partition, no sort). For concrete arrays outside ``jit``
+  (initial masks), where compiling a selection program would cost more than running it.
 
   Args:
     scores: float array of any shape (no NaN).
-    k: how many entries to select (clipped to ``[0, scores.size]``).
+    k: how many entries to select, in all or per slice (clipped to ``[0, n]``, ``n`` the
+      size of the array or of the axis).
+    axis: None for the whole array, else the axis along which each slice keeps ``k``.
 
   Returns:
     A bool NumPy array shaped like ``scores``.
   """
-  bits = np.ascontiguousarray(scores, np.float32).reshape(-1).view(np.uint32)
-  bits = np.where(bits == _SIGN_BIT, np.uint32(0), bits)
-  keys = np.where((bits & _SIGN_BIT) != 0, ~bits, bits | _SIGN_BIT)
-  n, k = keys.size, int(min(max(k, 0), keys.size))
-  out = np.zeros(n, bool)
-  if k == n:
-    out[:] = True
-  elif k:
-    threshold = np.partition(keys, n - k)[n - k]
-    above = keys > threshold
-    out[above] = True
-    out[np.flatnonzero(keys == threshold)[: k - int(np.count_nonzero(above))]] = True
-  return out.reshape(np.shape(scores))
+  shape = np.shape(scores)
+  bits = np.ascontiguousarray(scores, np.float32).view(np.uint32)
+  if axis is None:
+    bits = bits.reshape(-1, 1)
+  else:
+    bits = np.moveaxis(bits, axis, 0).reshape(shape[axis], -1)
+  keys = np.where(bits == _SIGN_BIT, np.uint32(0), bits)  # -0.0 ties +0.0
+  flip = keys >> np.uint32(31)  # order keys: negatives all bits flipped, else the sign set
+  flip *= np.uint32(0x7FFFFFFF)
+  flip |= _SIGN_BIT
+  keys ^= flip
+  del flip
+  n = keys.shape[0]
+  k = int(min(max(k, 0), n))
+  if k == n or k == 0:
+    out = np.full(keys.shape, k == n)
+  else:
+    threshold = np.partition(keys, n - k, axis=0)[n - k]
+    out = keys > threshold
+    need = k - np.count_nonzero(out, axis=0)  # per slice: ties to take, lowest index first
+    if axis is None:
+      out[np.flatnonzero(keys == threshold)[: int(need[0])], 0] = True
+    else:
+      ties = keys == threshold
+      out |= ties & (np.cumsum(ties, axis=0, dtype=np.int32) <= need)
+  if axis is None:
+    return out.reshape(shape)
+  moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis % len(shape))
+  return np.moveaxis(out.reshape(moved), 0, axis)

@@ -286,7 +286,8 @@ class NM:
       )
     return self.sparsity
 
-  def _grouped(self, shape: Sequence[int]) -> tuple[int, int, int]:
+  def grouped_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+    """``[fan_in // m, m, n_out]``: the groups of ``m`` along the contraction axis."""
     fan_in, n_out = base.fan_in_shape(shape)
     return fan_in // self.m, self.m, n_out
 
@@ -297,17 +298,17 @@ class NM:
   def select(self, scores: jax.Array, sparsity: float) -> jax.Array:
     """The ``n`` highest scores of every group of ``m``."""
     del sparsity
-    grouped = scores.reshape(self._grouped(scores.shape))
+    grouped = scores.reshape(self.grouped_shape(scores.shape))
     return selection.topk_mask(grouped, self.n, axis=1).reshape(scores.shape)
 
   def random_mask(self, key: jax.Array, shape: Sequence[int], sparsity: float) -> jax.Array:
-    scores = uniform_scores(key, self._grouped(shape))
+    scores = uniform_scores(key, self.grouped_shape(shape))
     return self.select(scores.reshape(tuple(shape)), sparsity)
 
   def drop_and_grow(self, ctx, drop_scores, grow_scores, n_drop):
     """Layer-wise drop, per-group regrowth back to exactly ``n`` per group."""
     shape = ctx.mask.shape
-    grouped = self._grouped(shape)
+    grouped = self.grouped_shape(shape)
     new, _ = selection.grouped_drop_and_grow(
       ctx.mask.reshape(grouped),
       drop_scores.reshape(grouped),

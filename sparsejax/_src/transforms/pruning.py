@@ -25,7 +25,7 @@ import optax
 from sparsejax._src import base, tree
 from sparsejax._src.allocation import plan as plan_lib
 from sparsejax._src.criteria import scores as criteria
-from sparsejax._src.primitives import host_selection, selection, structures
+from sparsejax._src.primitives import host_random, host_selection, selection, structures
 
 # Criteria that read the gradient: prune() needs `grads` for them.
 _NEEDS_GRADS = frozenset({"snip", "gradient", "gradient_magnitude"})
@@ -303,22 +303,42 @@ def _random_mask_program(structure, key, shape, sparsity):
   return structure.random_mask(key, shape, sparsity)
 
 
-@functools.cache
-def _uniform_program(shape: tuple[int, ...]) -> Callable:
-  return jax.jit(lambda key: structures.uniform_scores(key, shape))
+def _host_random_mask(structure, key, shape, sparsity) -> np.ndarray | None:
+  """``structure.random_mask(key, shape, sparsity)`` in NumPy, or None where unsupported.
+
+  The built-in unstructured, constant fan-in and N:M structures (exactly these classes:
+  a subclass may change the selection) with a concrete threefry key (``tx.init`` outside
+  ``jit``): the same uniform scores (``host_random.uniform``) and the same top-k
+  (``host_selection.topk_mask_host``), so the same mask bit for bit. Through XLA each layer
+  shape and sparsity compiles a threefry and a selection program, which costs more time
+  and compiler memory (tens of MB per program) than the draw and the selection.
+  """
+  kind = type(structure)
+  if kind not in (structures.Unstructured, structures.ConstantFanIn, structures.NM):
+    return None
+  if not host_random.supported(key) or base.shape_size(shape) >= 2**32:
+    return None
+  if kind is structures.Unstructured:
+    scores = host_random.uniform(key, shape)
+    return host_selection.topk_mask_host(scores, structure.target_nnz(shape, sparsity))
+  if kind is structures.ConstantFanIn:
+    scores = host_random.uniform(key, base.fan_in_shape(shape))
+    k = structure.fan_in(shape, sparsity)
+    return host_selection.topk_mask_host(scores, k, axis=0).reshape(shape)
+  grouped = structure.grouped_shape(shape)  # N:M: n of every group of m
+  scores = host_random.uniform(key, grouped)
+  return host_selection.topk_mask_host(scores, structure.n, axis=1).reshape(shape)
 
 
 def _random_mask(structure, key, shape, sparsity):
-  """``structure.random_mask(key, shape, sparsity)``, compiled once per configuration.
+  """``structure.random_mask(key, shape, sparsity)``, on the host where it can be.
 
-  ``Unstructured`` with a concrete key (``tx.init`` outside ``jit``) selects on the host
-  (``host_selection.topk_mask_host``, the same mask): each layer shape and sparsity would
-  otherwise compile its own selection program, which costs more time and memory (~35 MB
-  of compiler memory per program) than the selection itself.
+  See :func:`_host_random_mask`; elsewhere (other structures, a traced key, another PRNG
+  implementation) one jitted program per configuration.
   """
-  if type(structure) is structures.Unstructured and not isinstance(key, jax.core.Tracer):
-    scores = np.asarray(_uniform_program(tuple(shape))(key))
-    return jnp.asarray(host_selection.topk_mask_host(scores, structure.target_nnz(shape, sparsity)))
+  host = _host_random_mask(structure, key, tuple(shape), sparsity)
+  if host is not None:
+    return jnp.asarray(host)
   return _random_mask_program(structure, key, shape, sparsity)
 
 
