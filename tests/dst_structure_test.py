@@ -39,7 +39,14 @@ def test_non_update_branch_has_no_selection_work(method):
   state = tx.init(params)
   jaxpr = jax.make_jaxpr(tx.update)(params, state, params).jaxpr
   conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
-  assert len(conds) == 2, "expected one lax.cond per sparse leaf choosing the mask update"
+  assert len(conds) == 3, "expected the keys' lax.cond, then one per sparse leaf"
+  # First every leaf's (drop, grow) keys, one vectorised threefry on update steps only:
+  # nothing weight-sized in or out.
+  keys_cond, conds = conds[0], conds[1:]
+  assert [(v.aval.shape, v.aval.dtype) for v in keys_cond.outvars] == [((2, 2, 2), jnp.uint32)]
+  for branch in keys_cond.params["branches"]:
+    sizes = [v.aval.size for e in branch.jaxpr.eqns for v in e.outvars if hasattr(v.aval, "size")]
+    assert max(sizes) <= 8, sizes
   for cond, shape in zip(conds, [(32, 64), (64, 8)], strict=True):
     regular, mask_update = cond.params["branches"]  # index 0 = predicate False
     # The regular branch only materialises "no flips": no selection, no arithmetic.
@@ -187,3 +194,31 @@ def test_one_device_cpu_update_selects_with_the_native_kernel(method, n_selectio
   assert "sparsejax_select" not in xla
   assert native.count(" while(") < xla.count(" while("), "radix loops left in the program"
   assert native.count(" fusion(") <= 0.75 * xla.count(" fusion("), "selection kernels left"
+
+
+def test_leaf_keys_are_the_per_leaf_derivation():
+  """One vectorised threefry gives every leaf split(fold_in(fold_in(key, count), index))."""
+  from sparsejax._src.transforms import step
+
+  key, count, indices = jax.random.PRNGKey(7), jnp.int32(300), [1, 3, 4, 9]
+  keys = step.leaf_keys(indices, jnp.bool_(True), count, key)
+  for index, got in zip(indices, keys, strict=True):
+    want = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, count), index))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  off = step.leaf_keys(indices, jnp.bool_(False), count, key)
+  assert all(not np.asarray(k).any() for k in off)  # other steps: no derivation
+
+
+def test_key_derivation_compiles_to_one_set_of_threefry_loops():
+  """SET's random regrowth: the per-leaf fold_in/fold_in/split (three threefry while loops
+  per leaf) is one vectorised derivation for all leaves; RigL reads no key, so none."""
+  params = _params()
+
+  def loops(tx):
+    state = tx.init(params)
+    hlo = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+    return [line for line in hlo.splitlines() if " while(" in line and "threefry" in line]
+
+  kw = dict(sparsity=0.9, update_every=10, end_step=100)
+  assert len(loops(sj.set_(optax.sgd(0.1), **kw))) <= 3  # fold_in, fold_in, split
+  assert loops(sj.rigl(optax.sgd(0.1), **kw)) == []

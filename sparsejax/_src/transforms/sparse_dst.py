@@ -316,13 +316,14 @@ def update_topology(
   moments = step.inner_moments(config.inner, state.inner_state, len(paths), treedef)
   do_update = config.schedule.is_update(state.count)
   flips, masks, finite = {}, {}, jnp.ones([], bool)
-  for path, t in topologies.items():
+  keys = step.leaf_keys([rules[p].index for p in topologies], do_update, state.count, state.key)
+  for (path, t), leaf_key in zip(topologies.items(), keys, strict=True):
     i, rule, shape = paths.index(path), rules[path], t.kernel_shape
     masks[path] = ops.mask(t).reshape(shape)
     flips[path], ok = step.leaf_flips(
       rule,
       state.count,
-      state.key,
+      leaf_key,
       ops.to_dense(p_leaves[i], t).reshape(shape),
       jnp.asarray(dense_grads[path]).reshape(shape).astype(p_leaves[i].dtype),
       masks[path],

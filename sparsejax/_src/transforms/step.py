@@ -105,16 +105,38 @@ def reset_inner_state(inner, inner_state, where: Sequence[Any], treedef):
   )
 
 
-def _context(rule: LeafRule, count, key, param, grad, mask, moments, target=None):
-  """The leaf's drop-criterion context, and the key of its grow criterion."""
-  drop_key, grow_key = jax.random.split(
-    jax.random.fold_in(jax.random.fold_in(key, count), rule.index)
+def _derive_keys(indices: Sequence[int], count, key) -> jax.Array:
+  """``split(fold_in(fold_in(key, count), index))`` of every index, as ``[L, 2, *key]``."""
+  step_key = jax.random.fold_in(key, count)
+  data = jnp.asarray(indices, jnp.uint32)
+  return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i)))(data)
+
+
+def leaf_keys(indices: Sequence[int], do_update, count, key) -> list[jax.Array]:
+  """Each leaf's ``(drop, grow)`` criterion keys of this step, one ``[2, *key.shape]`` each.
+
+  ``split(fold_in(fold_in(key, count), index))``, bit for bit the per-leaf derivation, but
+  one vectorised threefry for all leaves in one ``lax.cond`` (zeros on other steps)
+  instead of three threefry loops per leaf: each loop is a compiled kernel (compile time
+  and compiler memory), and the update branches of methods whose criteria read no key
+  (RigL) drop their unused keys, so XLA removes this conditional.
+  """
+  shape = jax.eval_shape(_derive_keys, indices, count, key)
+  keys = lax.cond(
+    do_update,
+    lambda: _derive_keys(indices, count, key),
+    lambda: jnp.zeros(shape.shape, shape.dtype),
   )
-  ctx = base.ScoreContext(
+  return [keys[j] for j in range(len(indices))]
+
+
+def _context(rule: LeafRule, count, keys, param, grad, mask, moments, target=None):
+  """The leaf's drop-criterion context (``keys[0]``); ``keys[1]`` is its grow key."""
+  return base.ScoreContext(
     param=param,
     grad=grad,
     mask=mask,
-    key=drop_key,
+    key=keys[0],
     step=count,
     path=rule.path,
     inner_moments=moments,
@@ -122,7 +144,6 @@ def _context(rule: LeafRule, count, key, param, grad, mask, moments, target=None
     layer=rule.layer,
     target_nnz=rule.target(count) if target is None else target,
   )
-  return ctx, grow_key
 
 
 def global_targets(rules, do_update, count, key, params, grads, masks, moments, total, counts_fn):
@@ -138,9 +159,10 @@ def global_targets(rules, do_update, count, key, params, grads, masks, moments, 
 
   def compute():
     scores, cands = [], []
-    for rule in rules:
+    keys = _derive_keys([rule.index for rule in rules], count, key)
+    for j, rule in enumerate(rules):
       i = rule.index
-      ctx, _ = _context(rule, count, key, params[i], grads[i], masks[i], moments[i], target=0)
+      ctx = _context(rule, count, keys[j], params[i], grads[i], masks[i], moments[i], target=0)
       scores.append(rule.drop(ctx))
       cands.append(masks[i])
     return counts_fn(scores, cands, total(count))
@@ -149,31 +171,18 @@ def global_targets(rules, do_update, count, key, params, grads, masks, moments, 
   return {rule.index: counts[j] for j, rule in enumerate(rules)}
 
 
-def leaf_flips(rule: LeafRule, count, key, param, grad, mask, moments, target=None):
+def leaf_flips(rule: LeafRule, count, keys, param, grad, mask, moments, target=None):
   """One leaf's mask update as flips (``new ^ old``), and whether its inputs were finite.
 
   Runs inside the conditional, only on mask-update steps; every array it reads is an
   argument (Explicit meshes convert arguments, not closed-over values, to Auto axes).
-  ``target`` is the leaf's nnz after the update under a global sparsity schedule (else
-  the rule's own table, or none: nnz preserved).
+  ``keys`` are the leaf's ``(drop, grow)`` criterion keys (:func:`leaf_keys`); ``target``
+  is the leaf's nnz after the update under a global sparsity schedule (else the rule's
+  own table, or none: nnz preserved).
   """
-  drop_key, grow_key = jax.random.split(
-    jax.random.fold_in(jax.random.fold_in(key, count), rule.index)
-  )
-  ctx = base.ScoreContext(
-    param=param,
-    grad=grad,
-    mask=mask,
-    key=drop_key,
-    step=count,
-    path=rule.path,
-    inner_moments=moments,
-    sparsity=rule.sparsity,
-    layer=rule.layer,
-    target_nnz=rule.target(count) if target is None else target,
-  )
+  ctx = _context(rule, count, keys, param, grad, mask, moments, target)
   drop_scores = rule.drop(ctx)
-  grow_scores = rule.grow(ctx._replace(key=grow_key))
+  grow_scores = rule.grow(ctx._replace(key=keys[1]))
   for name, scores in (("drop", drop_scores), ("grow", grow_scores)):
     if scores.shape != mask.shape:
       raise ValueError(
@@ -193,14 +202,14 @@ def leaf_flips(rule: LeafRule, count, key, param, grad, mask, moments, target=No
   return new ^ mask, finite
 
 
-def _update_branch(rule: LeafRule, count, key, param, grad, mask, moments, target):
+def _update_branch(rule: LeafRule, count, keys, param, grad, mask, moments, target):
   fn = functools.partial(leaf_flips, rule)
   spec = base.explicit_sharding_spec(mask)
   if spec is not None:
     # Explicit axes: selections flatten and scatter, which Explicit types reject; run the
     # selection with the compiler choosing shardings, and give the flips the mask's.
     fn = jax.sharding.auto_axes(fn, out_sharding=(spec, jax.sharding.PartitionSpec()))
-  return fn(count, key, param, grad, mask, moments, target)
+  return fn(count, keys, param, grad, mask, moments, target)
 
 
 def mask_update_flips(
@@ -223,10 +232,11 @@ def mask_update_flips(
   """
   flips = {}
   all_finite = jnp.ones([], bool)
-  for rule in rules:
+  keys = leaf_keys([rule.index for rule in rules], do_update, count, key)
+  for rule, leaf_key in zip(rules, keys, strict=True):
     i = rule.index
     target = None if targets is None else targets[i]
-    operands = (count, key, params[i], grads[i], masks[i], moments[i], target)
+    operands = (count, leaf_key, params[i], grads[i], masks[i], moments[i], target)
     flips[i], finite = lax.cond(
       do_update,
       lambda r=rule, ops=operands: _update_branch(r, *ops),
