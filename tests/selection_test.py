@@ -345,3 +345,55 @@ def test_host_uniform_refuses_what_it_cannot_reproduce():
     host_random.uniform(jax.random.key(0), (3,))
   with jax.threefry_partitionable(False):
     assert not host_random.supported(jax.random.PRNGKey(0))
+
+
+@pytest.mark.parametrize("seed", [0, 3, 2**31 - 1])
+def test_unrolled_threefry_is_jax_random_bit_for_bit(seed):
+  """The loop-free key operations (mask-update keys, SET's hash words) equal jax.random's."""
+  from sparsejax._src.primitives import threefry
+
+  key = jax.random.PRNGKey(seed)
+  assert threefry.supported(key) and not threefry.supported(jax.random.key(seed))
+  for data in (0, 1, 77, 2**32 - 1):
+    want = jax.random.fold_in(key, data)
+    np.testing.assert_array_equal(threefry.fold_in(key, jnp.uint32(data)), want)
+  keys = jax.random.split(key, 6)
+  np.testing.assert_array_equal(threefry.split(keys), jax.vmap(jax.random.split)(keys))
+  np.testing.assert_array_equal(
+    threefry.fold_in(key, jnp.arange(5)), jnp.stack([jax.random.fold_in(key, i) for i in range(5)])
+  )
+  for n in (1, 2, 9):
+    np.testing.assert_array_equal(threefry.bits(key, n), jax.random.bits(key, (n,), jnp.uint32))
+  jitted = jax.jit(lambda k: threefry.split(threefry.fold_in(k, jnp.int32(300))))(key)
+  np.testing.assert_array_equal(jitted, jax.random.split(jax.random.fold_in(key, 300)))
+
+
+@pytest.mark.parametrize("shape", [(7,), (50, 40), (300, 257), (3, 3, 8, 16)])
+def test_native_drop_and_grow_and_count_equal_the_xla_programs(shape, monkeypatch):
+  """The fused native drop-and-grow (count + two selections) and the native count give the
+  XLA programs' results, ties included, for every n_drop/n_grow edge."""
+  from sparsejax._src.primitives import native_select, selection
+
+  if not native_select.usable():
+    pytest.skip(f"native selection unavailable: {native_select.unavailable_reason()}")
+  rng = np.random.default_rng(sum(shape))
+  mask = jnp.asarray(rng.random(shape) < 0.3)
+  drop = jnp.asarray(rng.integers(0, 4, shape).astype(np.float32))  # many ties
+  grow = jnp.asarray(rng.integers(0, 4, shape).astype(np.float32))
+  nnz = int(mask.sum())
+  for n_drop in (-2, 0, 3, nnz // 2, nnz, 10**6):
+    for n_grow in (None, -1, 0, 5, 10**6):
+      fn = jax.jit(lambda m, d, g: selection.drop_and_grow(m, d, g, n_drop, n_grow))  # noqa: B023
+      got = fn(mask, drop, grow)
+      assert "sparsejax_drop_grow" in fn.lower(mask, drop, grow).as_text()
+      want = selection._drop_and_grow_xla(mask, drop, grow, n_drop, n_grow)
+      for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w, err_msg=f"n_drop={n_drop} n_grow={n_grow}")
+  big = jnp.asarray(rng.random((600, 500)) < 0.3)
+  for axis in (None, 0):
+    native = jax.jit(lambda m: selection.count_true(m, axis))(big)  # noqa: B023
+    monkeypatch.setattr(selection, "_NATIVE", False)
+    xla = jax.jit(lambda m: selection.count_true(m, axis))(big)  # noqa: B023
+    monkeypatch.setattr(selection, "_NATIVE", True)
+    np.testing.assert_array_equal(native, xla)
+    np.testing.assert_array_equal(native, big.sum(axis=axis, keepdims=axis is not None))

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax._src import base
+from sparsejax._src.primitives import threefry
 
 Criterion = Callable[[base.ScoreContext], jax.Array]
 
@@ -61,7 +62,10 @@ def _fmix32(x: jax.Array) -> jax.Array:
 
 def hashed_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """Uniform float32 in [0, 1) per entry of ``shape``: a keyed hash of the flat index."""
-  words = jax.random.bits(key, (2,), jnp.uint32)
+  if threefry.supported(key):  # jax.random.bits, as one fused kernel (no while loop)
+    words = threefry.bits(key, 2)
+  else:
+    words = jax.random.bits(key, (2,), jnp.uint32)
   index = jnp.zeros(shape, jnp.uint32)
   stride = 1
   for axis in reversed(range(len(shape))):

@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_PARITY = 0x1BD11BDA
+from sparsejax._src.primitives import threefry
+from sparsejax._src.primitives.threefry import PARITY, ROTATIONS
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -31,10 +32,7 @@ def supported(key) -> bool:
   return (
     isinstance(key, (jax.Array, np.ndarray))
     and not isinstance(key, jax.core.Tracer)
-    and key.dtype == np.uint32
-    and key.shape == (2,)
-    and jax.config.jax_default_prng_impl == "threefry2x32"
-    and bool(jax.config.jax_threefry_partitionable)
+    and threefry.supported(key)
   )
 
 
@@ -47,12 +45,12 @@ def threefry2x32(key: Sequence[int], x0: np.ndarray, x1: np.ndarray) -> None:
       the two output words.
   """
   k0, k1 = int(key[0]) & _MASK32, int(key[1]) & _MASK32
-  ks = (k0, k1, k0 ^ k1 ^ _PARITY)
+  ks = (k0, k1, k0 ^ k1 ^ PARITY)
   tmp = np.empty_like(x1)
   x0 += np.uint32(ks[0])
   x1 += np.uint32(ks[1])
   for i in range(5):
-    for r in _ROTATIONS[i % 2]:
+    for r in ROTATIONS[i % 2]:
       x0 += x1
       np.left_shift(x1, np.uint32(r), out=tmp)  # x1 = rotl(x1, r) ^ x0
       x1 >>= np.uint32(32 - r)

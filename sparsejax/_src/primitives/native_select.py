@@ -25,6 +25,8 @@ import numpy as np
 from sparsejax._src.primitives import native_ext
 
 TARGET = "sparsejax_select"
+DROP_GROW_TARGET = "sparsejax_drop_grow"
+COUNT_TARGET = "sparsejax_count"
 
 _EXT = native_ext.NativeExtension("sparsejax._src.primitives._select_native", "native selection")
 
@@ -80,3 +82,52 @@ def select_2d(
     per_column=np.int64(1 if per_column else 0),
     threads=np.int64(threads),
   )
+
+
+def drop_and_grow(
+  mask: jax.Array,
+  drop_scores: jax.Array,
+  grow_scores: jax.Array,
+  n_drop: jax.Array,
+  n_grow: jax.Array | None,
+  *,
+  threads: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """``selection.drop_and_grow`` as one FFI call (CPU only: callers wrap it in
+  ``lax.platform_dependent``): the count of the mask and both selections.
+
+  Args:
+    mask: bool array.
+    drop_scores, grow_scores: scores shaped like ``mask`` (cast to float32).
+    n_drop: int32 scalar (clipped to ``[0, nnz]`` in the kernel).
+    n_grow: int32 scalar (negative grows nothing), or None for ``n_drop`` after clipping.
+    threads: as in :func:`select_2d`.
+
+  Returns:
+    ``(new_mask, kept)``, bool arrays shaped like ``mask``.
+  """
+  _EXT.require()
+  out = jax.ShapeDtypeStruct(mask.shape, jnp.bool_)
+  call = jax.ffi.ffi_call(DROP_GROW_TARGET, (out, out), vmap_method="sequential")
+  grow = jnp.int32(0) if n_grow is None else n_grow
+  counts = jnp.stack([jnp.asarray(n_drop, jnp.int32), jnp.asarray(grow, jnp.int32)])
+  new, kept = call(
+    drop_scores.astype(jnp.float32),
+    grow_scores.astype(jnp.float32),
+    mask.astype(jnp.bool_),
+    counts,
+    grow_default=np.int64(1 if n_grow is None else 0),
+    threads=np.int64(threads),
+  )
+  return new, kept
+
+
+def count_2d(mask: jax.Array, *, per_column: bool) -> jax.Array:
+  """``selection.count_true`` of a bool ``[L, G]`` as one FFI call (CPU only): int32
+  ``[1, 1]`` (the total) or ``[1, G]`` (per column)."""
+  _EXT.require()
+  shape = (1, mask.shape[1] if per_column else 1)
+  call = jax.ffi.ffi_call(
+    COUNT_TARGET, jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential"
+  )
+  return call(mask.astype(jnp.bool_), per_column=np.int64(1 if per_column else 0))

@@ -216,14 +216,31 @@ def count_true(mask: jax.Array, axis: int | None = None) -> jax.Array:
   """int32 count of True entries: in total (``axis=None``) or along ``axis`` (keepdims).
 
   Large masks are summed in column chunks, so no int32 copy of the whole mask is made (XLA
-  on the CPU materialises the conversion in front of a reduction).
+  on the CPU materialises the conversion in front of a reduction); on a one-device CPU
+  process with the native extension, by one FFI call (``native_select.count_2d``).
   """
   if axis is not None and axis % max(mask.ndim, 1) != 0:
     return jnp.sum(mask, axis=axis, keepdims=True, dtype=jnp.int32)
   view = mask.reshape(mask.shape[0], -1) if mask.ndim >= 2 else mask.reshape(-1, 1)
+  if _NATIVE and native_select.usable() and view.size > _CHUNK_ABOVE:
+    # One custom call instead of a loop over chunks (a handful of kernels to compile).
+    per_column = axis is not None
+    counts = lax.platform_dependent(
+      cpu=lambda: native_select.count_2d(view.astype(bool), per_column=per_column).reshape(
+        (1, -1) if per_column else ()
+      ),
+      default=lambda: _count_true_xla(view, per_column),
+    )
+    return counts.reshape(()) if axis is None else counts.reshape((1,) + mask.shape[1:])
+  total = _count_true_xla(view, axis is not None)
+  return total.reshape(()) if axis is None else total.reshape((1,) + mask.shape[1:])
+
+
+def _count_true_xla(view: jax.Array, per_column: bool) -> jax.Array:
+  """:func:`count_true` of a ``[L, G]`` view: a scalar, or ``[1, G]`` per column."""
   cols = _chunk_cols(*view.shape)
   n_chunks = view.shape[1] // cols
-  if axis is None:
+  if not per_column:
 
     def add(i, acc):
       return acc + jnp.sum(radix.col_slice(view, i, cols), dtype=jnp.int32)
@@ -234,8 +251,7 @@ def count_true(mask: jax.Array, axis: int | None = None) -> jax.Array:
     part = jnp.sum(radix.col_slice(view, i, cols), axis=0, keepdims=True, dtype=jnp.int32)
     return part if n_chunks == 1 else lax.dynamic_update_slice_in_dim(acc, part, i * cols, 1)
 
-  total = radix.for_chunks(n_chunks, put, jnp.zeros((1, view.shape[1]), jnp.int32))
-  return total.reshape((1,) + mask.shape[1:])
+  return radix.for_chunks(n_chunks, put, jnp.zeros((1, view.shape[1]), jnp.int32))
 
 
 def _select_2d(
@@ -381,13 +397,26 @@ def drop_and_grow(
     (``new_mask & ~kept`` are the grown entries, some possibly regrown).
   """
   _check_count("n_drop", n_drop)
+  if n_grow is not None:
+    _check_count("n_grow", n_grow)
   mask = mask.astype(bool)
+  if _NATIVE and native_select.usable():
+    # One custom call: the count and both selections (same result; far fewer kernels to
+    # compile than the count's loop, two selections and their glue).
+    return lax.platform_dependent(
+      cpu=lambda: native_select.drop_and_grow(mask, drop_scores, grow_scores, n_drop, n_grow),
+      default=lambda: _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow),
+    )
+  return _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow)
+
+
+def _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow):
+  """:func:`drop_and_grow` as an XLA program (any backend, any sharding)."""
   nnz = count_true(mask)
   n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
   if n_grow is None:
     n_grow = n_drop
   else:
-    _check_count("n_grow", n_grow)
     n_grow = jnp.maximum(jnp.asarray(n_grow, jnp.int32), 0)
   kept = topk_mask(drop_scores, nnz - n_drop, candidates=mask)
   grown = topk_mask(grow_scores, n_grow, candidates=~kept)

@@ -29,7 +29,7 @@ import optax
 from jax import lax
 
 from sparsejax._src import base, tree
-from sparsejax._src.primitives import selection
+from sparsejax._src.primitives import selection, threefry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +106,15 @@ def reset_inner_state(inner, inner_state, where: Sequence[Any], treedef):
 
 
 def _derive_keys(indices: Sequence[int], count, key) -> jax.Array:
-  """``split(fold_in(fold_in(key, count), index))`` of every index, as ``[L, 2, *key]``."""
-  step_key = jax.random.fold_in(key, count)
+  """``split(fold_in(fold_in(key, count), index))`` of every index, as ``[L, 2, *key]``.
+
+  Raw threefry keys take the unrolled elementwise hash (``primitives/threefry.py``: the
+  same bits, one fused kernel instead of three compiled while loops).
+  """
   data = jnp.asarray(indices, jnp.uint32)
+  if threefry.supported(key):
+    return threefry.split(threefry.fold_in(threefry.fold_in(key, count), data))
+  step_key = jax.random.fold_in(key, count)
   return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i)))(data)
 
 
@@ -117,9 +123,9 @@ def leaf_keys(indices: Sequence[int], do_update, count, key) -> list[jax.Array]:
 
   ``split(fold_in(fold_in(key, count), index))``, bit for bit the per-leaf derivation, but
   one vectorised threefry for all leaves in one ``lax.cond`` (zeros on other steps)
-  instead of three threefry loops per leaf: each loop is a compiled kernel (compile time
-  and compiler memory), and the update branches of methods whose criteria read no key
-  (RigL) drop their unused keys, so XLA removes this conditional.
+  instead of three threefry loops per leaf: each loop is several compiled kernels
+  (compile time and compiler memory), and the update branches of methods whose criteria
+  read no key (RigL) drop their unused keys, so XLA removes this conditional.
   """
   shape = jax.eval_shape(_derive_keys, indices, count, key)
   keys = lax.cond(

@@ -6,6 +6,10 @@
 //
 //   sparsejax_select(scores f32 [L, G], candidates pred [L, G] or [0], k s32 [1, 1] or
 //                    [1, G]) -> pred [L, G]
+//   sparsejax_drop_grow(drop f32 [..], grow f32 [..], mask pred [..], counts s32 [2])
+//                    -> (new pred [..], kept pred [..]): `selection.drop_and_grow`, two
+//                    whole-array selections and the count of the mask in one call
+//   sparsejax_count(mask pred [L, G]) -> s32 [1, 1] or [1, G]: `selection.count_true`
 //
 // Scores map to order-preserving uint32 keys (larger score, larger key; -0.0 as +0.0);
 // a non-candidate (and the one NaN pattern whose key is 0) gets key 0 and is never
@@ -54,8 +58,15 @@ inline uint32_t Key(float score) {
   return (bits & kSign) ? ~bits : (bits | kSign);
 }
 
-inline uint32_t KeyAt(const float* scores, const bool* cands, int64_t i) {
-  return (cands != nullptr && !cands[i]) ? 0u : Key(scores[i]);
+// Which entries may be selected: all (p == nullptr), those with p[i] true, or (invert)
+// those with p[i] false.
+struct Candidates {
+  const bool* p = nullptr;
+  bool invert = false;
+};
+
+inline uint32_t KeyAt(const float* scores, Candidates cands, int64_t i) {
+  return (cands.p != nullptr && cands.p[i] == cands.invert) ? 0u : Key(scores[i]);
 }
 
 // The largest digit d with count(digit >= d) >= need, scanning bins from the top; returns
@@ -92,7 +103,7 @@ int64_t Merge(const std::vector<uint32_t>& hist, int64_t parts, int64_t bins,
 // ---------------------------------------------------------------------------------------
 
 void SelectWhole(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
-                 const bool* cands, int64_t n, int64_t k, bool* out) {
+                 Candidates cands, int64_t n, int64_t k, bool* out) {
   if (k <= 0) {
     std::fill(out, out + n, false);
     return;
@@ -176,7 +187,7 @@ void ColumnThreshold(const uint32_t* keys, int64_t rows, const std::array<uint32
 }
 
 void SelectColumns(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
-                   const bool* cands, int64_t rows, int64_t cols, const int32_t* k, bool* out) {
+                   Candidates cands, int64_t rows, int64_t cols, const int32_t* k, bool* out) {
   const int64_t n_blocks = (cols + kColumnBlock - 1) / kColumnBlock;
   const int64_t parts =
       rows * cols < kMinParallel ? 1 : std::max<int64_t>(1, std::min(n_threads, n_blocks));
@@ -214,6 +225,12 @@ void SelectColumns(ffi::ThreadPool& pool, int64_t n_threads, const float* scores
   });
 }
 
+int64_t ThreadCount(ffi::ThreadPool& pool, int64_t threads) {
+  int64_t n_threads = std::max<int64_t>(1, pool.num_threads());
+  if (threads > 0) n_threads = std::min(n_threads, threads);
+  return std::min(n_threads, kMaxThreads);
+}
+
 ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::PRED> candidates,
                       ffi::Buffer<ffi::S32> k, ffi::ResultBuffer<ffi::PRED> out,
                       int64_t per_column, int64_t threads) {
@@ -222,12 +239,12 @@ ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::B
     return ffi::Error::InvalidArgument("sparsejax_select: scores must be 2-D [L, G]");
   }
   const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
-  const bool* cands = nullptr;
+  Candidates cands;
   if (candidates.element_count() != 0) {
     if (static_cast<int64_t>(candidates.element_count()) != n) {
       return ffi::Error::InvalidArgument("sparsejax_select: candidates must match scores");
     }
-    cands = candidates.typed_data();
+    cands.p = candidates.typed_data();
   }
   const int64_t groups = per_column ? cols : 1;
   if (static_cast<int64_t>(k.element_count()) != groups) {
@@ -235,14 +252,90 @@ ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::B
   }
   if (n == 0) return ffi::Error::Success();
   bool* dst = out->typed_data();
-  int64_t n_threads = std::max<int64_t>(1, pool.num_threads());
-  if (threads > 0) n_threads = std::min(n_threads, threads);
-  n_threads = std::min(n_threads, kMaxThreads);
+  const int64_t n_threads = ThreadCount(pool, threads);
   if (per_column) {
     SelectColumns(pool, n_threads, scores.typed_data(), cands, rows, cols, k.typed_data(), dst);
   } else {
     SelectWhole(pool, n_threads, scores.typed_data(), cands, n, k.typed_data()[0], dst);
   }
+  return ffi::Error::Success();
+}
+
+// The number of true entries of m[0..n), in `parts` contiguous parts (one per thread).
+int64_t CountTrue(ffi::ThreadPool& pool, int64_t parts, const bool* m, int64_t n) {
+  std::vector<int64_t> part_count(static_cast<size_t>(parts), 0);
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    int64_t c = 0;
+    for (int64_t i = n * p / parts; i < n * (p + 1) / parts; ++i) c += m[i] ? 1 : 0;
+    part_count[p] = c;
+  });
+  int64_t total = 0;
+  for (int64_t c : part_count) total += c;
+  return total;
+}
+
+// One unstructured drop-and-grow (selection.drop_and_grow): nnz = count(mask); n_drop is
+// clipped to [0, nnz]; kept = the nnz - n_drop highest drop scores among the mask's
+// entries; grown = the n_grow highest grow scores among the entries not kept (n_grow:
+// n_drop after clipping when `grow_default`, else max(n_grow, 0)); new = kept | grown.
+ffi::Error DropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop,
+                        ffi::Buffer<ffi::F32> grow, ffi::Buffer<ffi::PRED> mask,
+                        ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::PRED> new_mask,
+                        ffi::ResultBuffer<ffi::PRED> kept, int64_t grow_default,
+                        int64_t threads) {
+  const int64_t n = static_cast<int64_t>(drop.element_count());
+  if (static_cast<int64_t>(grow.element_count()) != n ||
+      static_cast<int64_t>(mask.element_count()) != n) {
+    return ffi::Error::InvalidArgument(
+        "sparsejax_drop_grow: drop scores, grow scores and mask must have one size");
+  }
+  if (counts.element_count() != 2) {
+    return ffi::Error::InvalidArgument("sparsejax_drop_grow: counts must be [n_drop, n_grow]");
+  }
+  if (n == 0) return ffi::Error::Success();
+  const int64_t n_threads = ThreadCount(pool, threads);
+  const bool* m = mask.typed_data();
+  const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
+  const int64_t nnz = CountTrue(pool, parts, m, n);
+  const int64_t n_drop = std::clamp<int64_t>(counts.typed_data()[0], 0, nnz);
+  const int64_t n_grow =
+      grow_default ? n_drop : std::max<int64_t>(counts.typed_data()[1], 0);
+  bool* k = kept->typed_data();
+  bool* out = new_mask->typed_data();
+  SelectWhole(pool, n_threads, drop.typed_data(), Candidates{m, false}, n, nnz - n_drop, k);
+  SelectWhole(pool, n_threads, grow.typed_data(), Candidates{k, true}, n, n_grow, out);
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    for (int64_t i = n * p / parts; i < n * (p + 1) / parts; ++i) out[i] = out[i] || k[i];
+  });
+  return ffi::Error::Success();
+}
+
+// Counts of true entries of a bool [L, G]: in total (s32 [1, 1]) or per column ([1, G]).
+ffi::Error CountImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> mask,
+                     ffi::ResultBuffer<ffi::S32> out, int64_t per_column) {
+  const auto dims = mask.dimensions();
+  if (dims.size() != 2) {
+    return ffi::Error::InvalidArgument("sparsejax_count: mask must be 2-D [L, G]");
+  }
+  const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
+  const bool* m = mask.typed_data();
+  int32_t* dst = out->typed_data();
+  const int64_t n_threads = ThreadCount(pool, 0);
+  if (per_column) {
+    std::fill(dst, dst + cols, 0);
+    // Column ranges per thread; rows streamed in order (contiguous reads per range).
+    const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
+    ParallelFor(pool, parts, parts, [&](int64_t p) {
+      const int64_t c0 = cols * p / parts, c1 = cols * (p + 1) / parts;
+      for (int64_t r = 0; r < rows; ++r) {
+        const bool* row = m + r * cols;
+        for (int64_t c = c0; c < c1; ++c) dst[c] += row[c] ? 1 : 0;
+      }
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
+  dst[0] = static_cast<int32_t>(CountTrue(pool, parts, m, n));
   return ffi::Error::Success();
 }
 
@@ -259,9 +352,30 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxSelect, sparsejax_select::SelectImpl,
                                   .Attr<int64_t>("per_column")
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxDropGrow, sparsejax_select::DropGrowImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // drop scores [L, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grow scores [L, G]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [L, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // [n_drop, n_grow]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // new mask [L, G]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // kept [L, G]
+                                  .Attr<int64_t>("grow_default")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxCount, sparsejax_select::CountImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [L, G]
+                                  .Ret<ffi::Buffer<ffi::S32>>()   // [1, 1] or [1, G]
+                                  .Attr<int64_t>("per_column"));
+
 static PyObject* Registrations(PyObject*, PyObject*) {
   return sparsejax_ffi::RegistrationDict(
-      {{"sparsejax_select", reinterpret_cast<void*>(&SparsejaxSelect)}});
+      {{"sparsejax_select", reinterpret_cast<void*>(&SparsejaxSelect)},
+       {"sparsejax_drop_grow", reinterpret_cast<void*>(&SparsejaxDropGrow)},
+       {"sparsejax_count", reinterpret_cast<void*>(&SparsejaxCount)}});
 }
 
 static PyMethodDef kMethods[] = {
