@@ -168,12 +168,19 @@ def test_eager_update_calls_reuse_one_compiled_program():
   assert int(state.count) == 4
 
 
-@pytest.mark.parametrize(("method", "n_drop_grow"), [("rigl", 2), ("set_", 2), ("srigl", None)])
-def test_one_device_cpu_update_selects_with_the_native_kernel(method, n_drop_grow, monkeypatch):
-  """On a one-device CPU process every selection of the update is a native call (RigL and
-  SET: one fused drop-and-grow per leaf): the compiled step holds none of the XLA
-  selection program (its radix loops and their kernels), which is what keeps its compile
-  time and compile-time memory small."""
+@pytest.mark.parametrize(
+  ("method", "fused_target"),
+  [
+    ("rigl", "sparsejax_drop_grow"),
+    ("set_", "sparsejax_drop_grow"),
+    ("srigl", "sparsejax_grouped_drop_grow"),
+  ],
+)
+def test_one_device_cpu_update_selects_with_the_native_kernel(method, fused_target, monkeypatch):
+  """On a one-device CPU process every selection of the update is a native call (one fused
+  drop-and-grow per leaf; SRigL's ablation rule selects its salient weights separately):
+  the compiled step holds none of the XLA selection program (its radix loops and their
+  kernels), which is what keeps its compile time and compile-time memory small."""
   from sparsejax._src.primitives import native_select, selection
 
   if not native_select.usable():
@@ -191,11 +198,9 @@ def test_one_device_cpu_update_selects_with_the_native_kernel(method, n_drop_gro
 
   native, xla = compiled_text(True), compiled_text(False)
   calls = native.count('custom_call_target="sparsejax_select"')
-  fused = native.count('custom_call_target="sparsejax_drop_grow"')
-  if n_drop_grow is not None:  # one drop-and-grow call for each of the two sparse leaves
-    assert (fused, calls) == (n_drop_grow, 0), (fused, calls)
-  else:  # SRigL: drop, grow, and the conditional cap of over-full neurons, per leaf
-    assert calls >= 4, calls
+  fused = native.count(f'custom_call_target="{fused_target}"')
+  assert fused == 2, fused  # one for each of the two sparse leaves
+  assert calls == (2 if method == "srigl" else 0), calls  # SRigL: the ablated layer's rule
   assert 'custom_call_target="sparsejax_' not in xla
   assert native.count(" while(") < xla.count(" while("), "radix loops left in the program"
   assert native.count(" fusion(") <= 0.75 * xla.count(" fusion("), "selection kernels left"

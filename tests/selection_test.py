@@ -372,7 +372,7 @@ def test_unrolled_threefry_is_jax_random_bit_for_bit(seed):
 def test_native_drop_and_grow_and_count_equal_the_xla_programs(shape, monkeypatch):
   """The fused native drop-and-grow (count + two selections) and the native count give the
   XLA programs' results, ties included, for every n_drop/n_grow edge."""
-  from sparsejax._src.primitives import native_select, selection
+  from sparsejax._src.primitives import drop_grow, native_select, selection
 
   if not native_select.usable():
     pytest.skip(f"native selection unavailable: {native_select.unavailable_reason()}")
@@ -383,10 +383,10 @@ def test_native_drop_and_grow_and_count_equal_the_xla_programs(shape, monkeypatc
   nnz = int(mask.sum())
   for n_drop in (-2, 0, 3, nnz // 2, nnz, 10**6):
     for n_grow in (None, -1, 0, 5, 10**6):
-      fn = jax.jit(lambda m, d, g: selection.drop_and_grow(m, d, g, n_drop, n_grow))  # noqa: B023
+      fn = jax.jit(lambda m, d, g: drop_grow.drop_and_grow(m, d, g, n_drop, n_grow))  # noqa: B023
       got = fn(mask, drop, grow)
       assert "sparsejax_drop_grow" in fn.lower(mask, drop, grow).as_text()
-      want = selection._drop_and_grow_xla(mask, drop, grow, n_drop, n_grow)
+      want = drop_grow._drop_and_grow_xla(mask, drop, grow, n_drop, n_grow)
       for g, w in zip(got, want, strict=True):
         np.testing.assert_array_equal(g, w, err_msg=f"n_drop={n_drop} n_grow={n_grow}")
   big = jnp.asarray(rng.random((600, 500)) < 0.3)
@@ -397,3 +397,31 @@ def test_native_drop_and_grow_and_count_equal_the_xla_programs(shape, monkeypatc
     monkeypatch.setattr(selection, "_NATIVE", True)
     np.testing.assert_array_equal(native, xla)
     np.testing.assert_array_equal(native, big.sum(axis=axis, keepdims=axis is not None))
+
+
+@pytest.mark.parametrize("shape", [(40, 9), (300, 257), (17, 130)])
+@pytest.mark.parametrize("cap", [False, True])
+def test_native_grouped_drop_and_grow_equals_the_xla_program(shape, cap):
+  """SRigL's update as one native call: the XLA program's (new, kept), ties included, with
+  and without the cap of over-full columns, with ineligible (ablated) columns."""
+  from sparsejax._src.primitives import drop_grow, native_select
+
+  if not native_select.usable():
+    pytest.skip(f"native selection unavailable: {native_select.unavailable_reason()}")
+  rng = np.random.default_rng(shape[1])
+  mask = jnp.asarray(rng.random(shape) < 0.3)
+  drop = jnp.asarray(rng.integers(0, 4, shape).astype(np.float32))  # many ties
+  grow = jnp.asarray(rng.integers(0, 4, shape).astype(np.float32))
+  nnz, rows, cols = int(mask.sum()), shape[0], shape[1]
+  eligible = jnp.asarray(rng.random((1, cols)) < 0.8)
+  for per_group in (3, jnp.asarray(rng.integers(-1, rows + 2, (1, cols)), jnp.int32)):
+    for n_drop in (-1, 0, nnz // 3, nnz, 10**6):
+      for elig in (None, eligible):
+        args = (mask, drop, grow, n_drop, per_group)
+        kw = dict(axis=0, cap=cap, eligible=elig)
+        fn = jax.jit(lambda *a, kw=kw: drop_grow.grouped_drop_and_grow(*a, **kw))
+        got = fn(*args)
+        assert "sparsejax_grouped_drop_grow" in fn.lower(*args).as_text()
+        want = drop_grow._grouped_drop_and_grow_xla(*args, 0, cap, elig)
+        for g, w in zip(got, want, strict=True):
+          np.testing.assert_array_equal(g, w, err_msg=f"n_drop={n_drop} eligible={elig}")

@@ -27,6 +27,7 @@ from sparsejax._src.primitives import native_ext
 TARGET = "sparsejax_select"
 DROP_GROW_TARGET = "sparsejax_drop_grow"
 COUNT_TARGET = "sparsejax_count"
+GROUPED_TARGET = "sparsejax_grouped_drop_grow"
 
 _EXT = native_ext.NativeExtension("sparsejax._src.primitives._select_native", "native selection")
 
@@ -93,7 +94,7 @@ def drop_and_grow(
   *,
   threads: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
-  """``selection.drop_and_grow`` as one FFI call (CPU only: callers wrap it in
+  """``drop_grow.drop_and_grow`` as one FFI call (CPU only: callers wrap it in
   ``lax.platform_dependent``): the count of the mask and both selections.
 
   Args:
@@ -131,3 +132,45 @@ def count_2d(mask: jax.Array, *, per_column: bool) -> jax.Array:
     COUNT_TARGET, jax.ShapeDtypeStruct(shape, jnp.int32), vmap_method="sequential"
   )
   return call(mask.astype(jnp.bool_), per_column=np.int64(1 if per_column else 0))
+
+
+def grouped_drop_and_grow(
+  mask: jax.Array,
+  drop_scores: jax.Array,
+  grow_scores: jax.Array,
+  n_drop: jax.Array,
+  per_group: jax.Array,
+  keepable: jax.Array | None,
+  *,
+  cap: bool,
+  threads: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """``drop_grow.grouped_drop_and_grow`` along axis 0 of ``[L, G]`` as one FFI call (CPU
+  only: callers wrap it in ``lax.platform_dependent``).
+
+  Args:
+    mask: bool ``[L, G]``; the groups are its columns.
+    drop_scores, grow_scores: ``[L, G]`` scores (cast to float32).
+    n_drop: int32 scalar (clipped to ``[0, nnz]`` in the kernel).
+    per_group: int32 ``[1, G]`` target count of every column.
+    keepable: bool ``[L, G]`` (the mask's eligible entries), or None for the mask.
+    cap: cut over-full columns to ``per_group`` first.
+    threads: as in :func:`select_2d`.
+
+  Returns:
+    ``(new_mask, kept)``, bool ``[L, G]``.
+  """
+  _EXT.require()
+  out = jax.ShapeDtypeStruct(mask.shape, jnp.bool_)
+  call = jax.ffi.ffi_call(GROUPED_TARGET, (out, out), vmap_method="sequential")
+  cands = jnp.zeros((0,), jnp.bool_) if keepable is None else keepable.astype(jnp.bool_)
+  return call(
+    drop_scores.astype(jnp.float32),
+    grow_scores.astype(jnp.float32),
+    mask.astype(jnp.bool_),
+    cands,
+    per_group.astype(jnp.int32),
+    jnp.reshape(jnp.asarray(n_drop, jnp.int32), (1,)),
+    cap=np.int64(1 if cap else 0),
+    threads=np.int64(threads),
+  )

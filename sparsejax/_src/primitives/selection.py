@@ -64,6 +64,16 @@ _CUMSUM_BLOCK = 32
 _NATIVE = True
 
 
+def ranks_pairwise(length: int) -> bool:
+  """Whether :func:`topk_mask` ranks slices of this length pairwise (no selection call)."""
+  return length <= _PAIRWISE_MAX
+
+
+def native_usable() -> bool:
+  """Whether selections traced now take the native CPU kernels (``native_select``)."""
+  return _NATIVE and native_select.usable()
+
+
 def _ordered_keys(scores: jax.Array) -> jax.Array:
   """Maps float scores to uint32 keys with the same order (larger score, larger key).
 
@@ -108,7 +118,7 @@ def topk_mask(
     Array([False,  True,  True, False], dtype=bool)
   """
   scores = jnp.asarray(scores)
-  _check_count("k", k)
+  check_count("k", k)
   if axis is None:
     # One group over the whole array, on a free 2-D view [.., last axis] (no flattening
     # copy): rows are chunked, entries ranked by flat index for ties.
@@ -143,7 +153,7 @@ def topk_mask(
   return jnp.moveaxis(selected.reshape(moved.shape), 0, axis)
 
 
-def _check_count(name: str, k) -> None:
+def check_count(name: str, k) -> None:
   """Rejects non-integer counts (``k=2.5`` must not silently mean 2)."""
   if isinstance(k, bool) or (isinstance(k, float) and not float(k).is_integer()):
     raise TypeError(f"`{name}` must be an integer count, got {k!r}.")
@@ -222,7 +232,7 @@ def count_true(mask: jax.Array, axis: int | None = None) -> jax.Array:
   if axis is not None and axis % max(mask.ndim, 1) != 0:
     return jnp.sum(mask, axis=axis, keepdims=True, dtype=jnp.int32)
   view = mask.reshape(mask.shape[0], -1) if mask.ndim >= 2 else mask.reshape(-1, 1)
-  if _NATIVE and native_select.usable() and view.size > _CHUNK_ABOVE:
+  if native_usable() and view.size > _CHUNK_ABOVE:
     # One custom call instead of a loop over chunks (a handful of kernels to compile).
     per_column = axis is not None
     counts = lax.platform_dependent(
@@ -264,7 +274,7 @@ def _select_2d(
   (``native_select``: the same result, a fraction of the compile time and memory);
   elsewhere (several devices, accelerators) the XLA program below does.
   """
-  if _NATIVE and native_select.usable():
+  if native_usable():
     return lax.platform_dependent(
       cpu=lambda: native_select.select_2d(scores, k, candidates, per_column=per_column),
       default=lambda: _select_2d_xla(scores, k, candidates, per_column=per_column),
@@ -365,118 +375,3 @@ def _write_ranked(chunk, n_chunks, cols, shape, threshold, need, tie_valid, per_
   init = (jnp.zeros(shape, bool), jnp.zeros((n_rows, 1), jnp.int32))
   out, _ = radix.for_chunks(n_chunks, write, init)
   return out
-
-
-def drop_and_grow(
-  mask: jax.Array,
-  drop_scores: jax.Array,
-  grow_scores: jax.Array,
-  n_drop: jax.Array | int,
-  n_grow: jax.Array | int | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """One unstructured drop-and-grow on one array (nnz preserved unless ``n_grow`` says).
-
-  Drops the ``n_drop`` active entries with the lowest ``drop_scores`` (only active entries
-  can be dropped), then grows ``n_drop`` entries with the highest ``grow_scores`` among all
-  entries that were not kept (so an entry dropped in this very step may be regrown: it then
-  keeps its value and optimizer state). Reference: RigL, Evci et al. 2020,
-  https://arxiv.org/abs/1911.11134 (``_get_update_op`` in google-research/rigl), with
-  drop restricted to active weights and ties broken by lowest flat index.
-
-  Args:
-    mask: bool array, the current mask.
-    drop_scores: scores shaped like ``mask``; higher means more worth keeping.
-    grow_scores: scores shaped like ``mask``; higher means more worth growing.
-    n_drop: number of entries to drop; clipped to ``[0, nnz(mask)]`` (more than nnz
-      cannot be dropped, so the layer never grows).
-    n_grow: number of entries to grow; default ``n_drop`` (nnz preserved, as in RigL). A
-      smaller count shrinks the layer (gradual pruning: ``n_grow=0``; GraNet).
-
-  Returns:
-    ``(new_mask, kept)``: the new bool mask and the kept subset of the old mask
-    (``new_mask & ~kept`` are the grown entries, some possibly regrown).
-  """
-  _check_count("n_drop", n_drop)
-  if n_grow is not None:
-    _check_count("n_grow", n_grow)
-  mask = mask.astype(bool)
-  if _NATIVE and native_select.usable():
-    # One custom call: the count and both selections (same result; far fewer kernels to
-    # compile than the count's loop, two selections and their glue).
-    return lax.platform_dependent(
-      cpu=lambda: native_select.drop_and_grow(mask, drop_scores, grow_scores, n_drop, n_grow),
-      default=lambda: _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow),
-    )
-  return _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow)
-
-
-def _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow):
-  """:func:`drop_and_grow` as an XLA program (any backend, any sharding)."""
-  nnz = count_true(mask)
-  n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
-  if n_grow is None:
-    n_grow = n_drop
-  else:
-    n_grow = jnp.maximum(jnp.asarray(n_grow, jnp.int32), 0)
-  kept = topk_mask(drop_scores, nnz - n_drop, candidates=mask)
-  grown = topk_mask(grow_scores, n_grow, candidates=~kept)
-  return kept | grown, kept
-
-
-def grouped_drop_and_grow(
-  mask: jax.Array,
-  drop_scores: jax.Array,
-  grow_scores: jax.Array,
-  n_drop: jax.Array | int,
-  per_group: jax.Array | int,
-  *,
-  axis: int,
-  cap: bool = True,
-  eligible: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
-  """Drop-and-grow with an exact per-group count (N:M groups, constant fan-in neurons).
-
-  Drop is global over the array by ``drop_scores`` (layer-wise magnitude, as SRigL's
-  ``_get_drop_mask``); kept entries of a group that holds more than ``per_group`` are cut
-  to the ``per_group`` highest ``drop_scores`` (by score, index tie-break: not an unstable
-  sort). Each group then grows its highest ``grow_scores`` among its non-kept entries until
-  it holds exactly ``per_group``. Reference: SRigL, Lasby et al. 2024,
-  https://arxiv.org/abs/2305.02299.
-
-  Args:
-    mask: bool array; groups are the 1-D slices along ``axis``.
-    drop_scores: shaped like ``mask``.
-    grow_scores: shaped like ``mask``.
-    n_drop: number of active entries dropped layer-wide before regrowth (clipped to
-      ``[0, nnz(mask)]``).
-    per_group: target count per group: a scalar or an int array with ``axis`` reduced
-      to size 1 (0 for a group that must become empty, e.g. an ablated neuron).
-    axis: the group axis.
-    cap: cut over-full groups to ``per_group`` (a per-group selection, run only when some
-      group is over-full). Pass False only when no group can hold more than ``per_group``
-      kept entries (e.g. a fixed N:M or fan-in count).
-    eligible: optional bool array (broadcastable to ``mask``): only eligible active
-      entries may be kept (e.g. not in an ablated neuron); the others are dropped first.
-
-  Returns:
-    ``(new_mask, kept)`` as in :func:`drop_and_grow`.
-  """
-  _check_count("n_drop", n_drop)
-  mask = mask.astype(bool)
-  nnz = count_true(mask)
-  n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
-  keepable = mask if eligible is None else mask & eligible
-  kept = topk_mask(drop_scores, nnz - n_drop, candidates=keepable)
-  n_kept = count_true(kept, axis=axis)
-  if cap:
-    per_group = jnp.asarray(per_group, jnp.int32)
-    # Usually no group is over-full (k shrinks only when a neuron revives): the per-group
-    # selection runs only when one is.
-    kept = lax.cond(
-      jnp.any(n_kept > per_group),
-      lambda: topk_mask(drop_scores, per_group, axis=axis, candidates=kept),
-      lambda: kept,
-    )
-    n_kept = jnp.minimum(n_kept, jnp.maximum(per_group, 0))
-  grown = topk_mask(grow_scores, per_group - n_kept, axis=axis, candidates=~kept)
-  return kept | grown, kept

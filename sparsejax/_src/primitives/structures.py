@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax._src import base
-from sparsejax._src.primitives import ablation, selection
+from sparsejax._src.primitives import ablation, drop_grow, selection
 
 
 @runtime_checkable
@@ -103,12 +103,12 @@ class Unstructured:
 
 def _unstructured_update(mask, drop_scores, grow_scores, n_swap, target):
   if target is None:
-    new, _ = selection.drop_and_grow(mask, drop_scores, grow_scores, n_swap)
+    new, _ = drop_grow.drop_and_grow(mask, drop_scores, grow_scores, n_swap)
     return new
   nnz = selection.count_true(mask)
   target = jnp.asarray(target, jnp.int32)
   n_drop = jnp.clip(nnz - target + n_swap, 0, nnz)
-  new, _ = selection.drop_and_grow(mask, drop_scores, grow_scores, n_drop, target - (nnz - n_drop))
+  new, _ = drop_grow.drop_and_grow(mask, drop_scores, grow_scores, n_drop, target - (nnz - n_drop))
   return new
 
 
@@ -238,7 +238,7 @@ class ConstantFanIn:
     else:
       per_neuron, eligible = self.fan_in(shape, ctx.sparsity), None
       cap = False  # every neuron holds exactly k before the update: none can be over-full
-    new, _ = selection.grouped_drop_and_grow(
+    new, _ = drop_grow.grouped_drop_and_grow(
       mask,
       drop_scores,
       grow_scores.reshape(flat),
@@ -309,7 +309,7 @@ class NM:
     """Layer-wise drop, per-group regrowth back to exactly ``n`` per group."""
     shape = ctx.mask.shape
     grouped = self.grouped_shape(shape)
-    new, _ = selection.grouped_drop_and_grow(
+    new, _ = drop_grow.grouped_drop_and_grow(
       ctx.mask.reshape(grouped),
       drop_scores.reshape(grouped),
       grow_scores.reshape(grouped),

@@ -7,9 +7,12 @@
 //   sparsejax_select(scores f32 [L, G], candidates pred [L, G] or [0], k s32 [1, 1] or
 //                    [1, G]) -> pred [L, G]
 //   sparsejax_drop_grow(drop f32 [..], grow f32 [..], mask pred [..], counts s32 [2])
-//                    -> (new pred [..], kept pred [..]): `selection.drop_and_grow`, two
+//                    -> (new pred [..], kept pred [..]): `drop_grow.drop_and_grow`, two
 //                    whole-array selections and the count of the mask in one call
 //   sparsejax_count(mask pred [L, G]) -> s32 [1, 1] or [1, G]: `selection.count_true`
+//   sparsejax_grouped_drop_grow(drop, grow f32 [L, G], mask, keepable pred [L, G],
+//                    per_group s32 [1, G], n_drop s32 [1]) -> (new, kept):
+//                    `drop_grow.grouped_drop_and_grow` along axis 0 (SRigL's update)
 //
 // Scores map to order-preserving uint32 keys (larger score, larger key; -0.0 as +0.0);
 // a non-candidate (and the one NaN pattern whose key is 0) gets key 0 and is never
@@ -274,7 +277,22 @@ int64_t CountTrue(ffi::ThreadPool& pool, int64_t parts, const bool* m, int64_t n
   return total;
 }
 
-// One unstructured drop-and-grow (selection.drop_and_grow): nnz = count(mask); n_drop is
+// The number of true entries of every column of m [rows, cols], into dst [cols]: column
+// ranges per thread, rows streamed in order.
+void CountColumns(ffi::ThreadPool& pool, int64_t n_threads, const bool* m, int64_t rows,
+                  int64_t cols, int32_t* dst) {
+  std::fill(dst, dst + cols, 0);
+  const int64_t parts = std::max<int64_t>(1, std::min(n_threads, rows * cols / kMinParallel));
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    const int64_t c0 = cols * p / parts, c1 = cols * (p + 1) / parts;
+    for (int64_t r = 0; r < rows; ++r) {
+      const bool* row = m + r * cols;
+      for (int64_t c = c0; c < c1; ++c) dst[c] += row[c] ? 1 : 0;
+    }
+  });
+}
+
+// One unstructured drop-and-grow (drop_grow.drop_and_grow): nnz = count(mask); n_drop is
 // clipped to [0, nnz]; kept = the nnz - n_drop highest drop scores among the mask's
 // entries; grown = the n_grow highest grow scores among the entries not kept (n_grow:
 // n_drop after clipping when `grow_default`, else max(n_grow, 0)); new = kept | grown.
@@ -310,6 +328,63 @@ ffi::Error DropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop,
   return ffi::Error::Success();
 }
 
+// One drop-and-grow with an exact count per column (drop_grow.grouped_drop_and_grow,
+// axis 0): kept = the nnz - n_drop highest drop scores among `keepable` (the mask, or the
+// mask's eligible entries); with `cap`, columns holding more than per_group[c] kept
+// entries are cut to their per_group[c] highest drop scores; each column then grows its
+// highest grow scores among the entries not kept, up to per_group[c]; new = kept | grown.
+ffi::Error GroupedDropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop,
+                               ffi::Buffer<ffi::F32> grow, ffi::Buffer<ffi::PRED> mask,
+                               ffi::Buffer<ffi::PRED> keepable, ffi::Buffer<ffi::S32> per_group,
+                               ffi::Buffer<ffi::S32> n_drop_in,
+                               ffi::ResultBuffer<ffi::PRED> new_mask,
+                               ffi::ResultBuffer<ffi::PRED> kept_out, int64_t cap,
+                               int64_t threads) {
+  const auto dims = mask.dimensions();
+  if (dims.size() != 2) {
+    return ffi::Error::InvalidArgument("sparsejax_grouped_drop_grow: mask must be [L, G]");
+  }
+  const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
+  if (static_cast<int64_t>(drop.element_count()) != n ||
+      static_cast<int64_t>(grow.element_count()) != n ||
+      (keepable.element_count() != 0 && static_cast<int64_t>(keepable.element_count()) != n) ||
+      static_cast<int64_t>(per_group.element_count()) != cols || n_drop_in.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "sparsejax_grouped_drop_grow: scores and keepable [L, G], per_group [1, G], n_drop [1]");
+  }
+  if (n == 0) return ffi::Error::Success();
+  const int64_t n_threads = ThreadCount(pool, threads);
+  const bool* m = mask.typed_data();
+  const int32_t* k_group = per_group.typed_data();
+  const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
+  const int64_t nnz = CountTrue(pool, parts, m, n);
+  const int64_t n_drop = std::clamp<int64_t>(n_drop_in.typed_data()[0], 0, nnz);
+  bool* kept = kept_out->typed_data();
+  const bool* keep_from = keepable.element_count() != 0 ? keepable.typed_data() : m;
+  SelectWhole(pool, n_threads, drop.typed_data(), Candidates{keep_from, false}, n, nnz - n_drop,
+              kept);
+  std::vector<int32_t> n_kept(static_cast<size_t>(cols)), grow_k(static_cast<size_t>(cols));
+  CountColumns(pool, n_threads, kept, rows, cols, n_kept.data());
+  if (cap) {
+    bool over = false;
+    for (int64_t c = 0; c < cols; ++c) over = over || n_kept[c] > k_group[c];
+    // In place: a block of columns is read whole into scratch before it is written.
+    if (over) SelectColumns(pool, n_threads, drop.typed_data(), Candidates{kept, false}, rows,
+                            cols, k_group, kept);
+    for (int64_t c = 0; c < cols; ++c) {
+      n_kept[c] = std::min(n_kept[c], std::max<int32_t>(k_group[c], 0));
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) grow_k[c] = k_group[c] - n_kept[c];
+  bool* out = new_mask->typed_data();
+  SelectColumns(pool, n_threads, grow.typed_data(), Candidates{kept, true}, rows, cols,
+                grow_k.data(), out);
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    for (int64_t i = n * p / parts; i < n * (p + 1) / parts; ++i) out[i] = out[i] || kept[i];
+  });
+  return ffi::Error::Success();
+}
+
 // Counts of true entries of a bool [L, G]: in total (s32 [1, 1]) or per column ([1, G]).
 ffi::Error CountImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> mask,
                      ffi::ResultBuffer<ffi::S32> out, int64_t per_column) {
@@ -322,16 +397,7 @@ ffi::Error CountImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> mask,
   int32_t* dst = out->typed_data();
   const int64_t n_threads = ThreadCount(pool, 0);
   if (per_column) {
-    std::fill(dst, dst + cols, 0);
-    // Column ranges per thread; rows streamed in order (contiguous reads per range).
-    const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
-    ParallelFor(pool, parts, parts, [&](int64_t p) {
-      const int64_t c0 = cols * p / parts, c1 = cols * (p + 1) / parts;
-      for (int64_t r = 0; r < rows; ++r) {
-        const bool* row = m + r * cols;
-        for (int64_t c = c0; c < c1; ++c) dst[c] += row[c] ? 1 : 0;
-      }
-    });
+    CountColumns(pool, n_threads, m, rows, cols, dst);
     return ffi::Error::Success();
   }
   const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
@@ -371,11 +437,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxCount, sparsejax_select::CountImpl,
                                   .Ret<ffi::Buffer<ffi::S32>>()   // [1, 1] or [1, G]
                                   .Attr<int64_t>("per_column"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxGroupedDropGrow, sparsejax_select::GroupedDropGrowImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // drop scores [L, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grow scores [L, G]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [L, G]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // keepable [L, G] or [0]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // per_group [1, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // n_drop [1]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // new mask [L, G]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // kept [L, G]
+                                  .Attr<int64_t>("cap")
+                                  .Attr<int64_t>("threads"));
+
 static PyObject* Registrations(PyObject*, PyObject*) {
   return sparsejax_ffi::RegistrationDict(
       {{"sparsejax_select", reinterpret_cast<void*>(&SparsejaxSelect)},
        {"sparsejax_drop_grow", reinterpret_cast<void*>(&SparsejaxDropGrow)},
-       {"sparsejax_count", reinterpret_cast<void*>(&SparsejaxCount)}});
+       {"sparsejax_count", reinterpret_cast<void*>(&SparsejaxCount)},
+       {"sparsejax_grouped_drop_grow", reinterpret_cast<void*>(&SparsejaxGroupedDropGrow)}});
 }
 
 static PyMethodDef kMethods[] = {
