@@ -54,10 +54,12 @@ def test_non_update_branch_has_no_selection_work(method):
     assert _primitives(mask_update.jaxpr) & {"while", "scan", "scatter-add"}, (
       "the update branch should hold the selection"
     )
-    # Only bool flips of the leaf and a finite flag leave the cond: no params, no optimizer
-    # state, nothing float (copies of those through a cond cost 1.5x per step on CPU).
+    # Only the leaf's flips, packed 32 per uint32 word along the last axis (one device),
+    # and a finite flag leave the cond: no params, no optimizer state, nothing float
+    # (copies of those through a cond cost 1.5x per step on CPU), no bool per weight.
     outs = [(v.aval.shape, v.aval.dtype) for v in cond.outvars]
-    assert outs == [(shape, jnp.bool_), ((), jnp.bool_)], outs
+    packed = (shape[0], -(-shape[1] // 32))
+    assert outs == [(packed, jnp.uint32), ((), jnp.bool_)], outs
   # Outside the conds only elementwise work, the schedule predicate and counters remain.
   outside = {e.primitive.name for e in jaxpr.eqns} - {"cond"}
   assert not (outside & EXPENSIVE)
@@ -234,3 +236,16 @@ def test_key_derivation_and_random_scores_compile_to_no_loop():
   kw = dict(sparsity=0.9, update_every=10, end_step=100)
   assert loops(sj.set_(optax.sgd(0.1), **kw)) == []
   assert loops(sj.rigl(optax.sgd(0.1), **kw)) == []
+
+
+@pytest.mark.parametrize("shape", [(5,), (3, 33), (64, 32), (3, 3, 8, 17)])
+def test_packed_flips_round_trip(shape):
+  """The flips leave each conditional packed 32 per word and unpack to the same bools."""
+  from sparsejax._src.transforms import step
+
+  bits = jnp.asarray(np.random.default_rng(len(shape)).random(shape) < 0.5)
+  words = step.pack_bits(bits)
+  cols = shape[-1] if len(shape) >= 2 else shape[0]
+  assert words.dtype == jnp.uint32 and words.shape[-1] == -(-cols // 32)
+  np.testing.assert_array_equal(step.unpack_bits(words, shape), bits)
+  np.testing.assert_array_equal(jax.jit(step.unpack_bits, static_argnums=1)(words, shape), bits)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -239,17 +240,49 @@ def mask_update_flips(
   flips = {}
   all_finite = jnp.ones([], bool)
   keys = leaf_keys([rule.index for rule in rules], do_update, count, key)
+  one_device = jax.device_count() == 1
   for rule, leaf_key in zip(rules, keys, strict=True):
     i = rule.index
     target = None if targets is None else targets[i]
     operands = (count, leaf_key, params[i], grads[i], masks[i], moments[i], target)
-    flips[i], finite = lax.cond(
-      do_update,
-      lambda r=rule, ops=operands: _update_branch(r, *ops),
-      lambda m=masks[i]: (jnp.zeros_like(m), jnp.ones([], bool)),
-    )
+    # One device: the conditional returns the flips packed 32 per word, so a normal step
+    # writes and reads 1/32 of a mask (its all-False flips) instead of a bool per weight;
+    # the unpacking fuses into the fusions that read the flips. With several devices (or
+    # explicit mesh axes) the flips keep the mask's shape and sharding.
+    packed = one_device and base.explicit_sharding_spec(masks[i]) is None
+
+    def update(r=rule, ops=operands, packed=packed):
+      leaf, finite = _update_branch(r, *ops)
+      return (pack_bits(leaf) if packed else leaf), finite
+
+    def keep(m=masks[i], packed=packed):
+      if not packed:
+        return jnp.zeros_like(m), jnp.ones([], bool)
+      words = jax.eval_shape(pack_bits, m)
+      return jnp.zeros(words.shape, words.dtype), jnp.ones([], bool)
+
+    leaf_flips_, finite = lax.cond(do_update, update, keep)
+    flips[i] = unpack_bits(leaf_flips_, masks[i].shape) if packed else leaf_flips_
     all_finite = all_finite & finite
   return flips, all_finite
+
+
+def pack_bits(bits: jax.Array) -> jax.Array:
+  """bool ``[..., G]`` (or 1-D) as uint32 ``[rows, ceil(G / 32)]``, 32 bits per word along
+  the last axis (bit ``j`` of word ``w`` is column ``32 w + j``)."""
+  view = bits.reshape(-1, bits.shape[-1]) if bits.ndim >= 2 else bits.reshape(1, -1)
+  rows, cols = view.shape
+  words = -(-cols // 32)
+  view = jnp.pad(view, ((0, 0), (0, words * 32 - cols))).reshape(rows, words, 32)
+  shifts = jnp.arange(32, dtype=jnp.uint32)
+  return jnp.sum(view.astype(jnp.uint32) << shifts, axis=-1, dtype=jnp.uint32)
+
+
+def unpack_bits(words: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """The bool array of ``shape`` packed by :func:`pack_bits`."""
+  cols = shape[-1] if len(shape) >= 2 else math.prod(shape)
+  bits = (words[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & jnp.uint32(1)
+  return bits.reshape(words.shape[0], -1)[:, :cols].astype(bool).reshape(shape)
 
 
 def apply_flips(masks: Sequence[Any], flips: dict[int, jax.Array], all_finite: jax.Array):
