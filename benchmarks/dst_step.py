@@ -107,13 +107,17 @@ def bench_model(name, model_fn, quick, rounds, last_layer):
     "rigl": sj.rigl(inner(), **kw),
     "srigl": sj.srigl(inner(), last_layer=last_layer, **kw),
   }
-  runners, compile_s = {}, {}
+  runners, compile_s, kernels = {}, {}, {}
   calls = rounds + 8  # warm-up and timed calls of one runner, with room to spare
   for mname, tx in methods.items():
     state = {"p": jax.tree.map(jnp.copy, params), "s": tx.init(params)}
     t0 = time.perf_counter()
     step = make_step(tx, apply, x, y).lower(state["p"], state["s"]).compile()
     compile_s[mname] = time.perf_counter() - t0
+    # XLA kernels (fusions) and while loops of the compiled step: what compile time and
+    # compile-time memory grow with.
+    text = step.as_text()
+    kernels[mname] = (text.count(" fusion("), text.count(" while("))
     # The step counter is set before each call (1: a normal step, 100: a mask update). The
     # counters are made and committed to the device before timing: a scalar made inside the
     # timed call (`jnp.int32(count)`) cost ~0.4 ms per call here (2.5-3% of the dense
@@ -154,7 +158,7 @@ def bench_model(name, model_fn, quick, rounds, last_layer):
   print(f"\n{name}: dense step median {dense * 1e3:.2f} ms (min {min(times['dense']) * 1e3:.2f})")
   print(
     f"{'method':<8} {'normal/dense':>13} {'update/dense':>13} {'amortized ΔT=100':>17} "
-    f"{'compile s':>10}"
+    f"{'compile s':>10} {'kernels':>8} {'loops':>6}"
   )
   rows = {}
   for mname in methods:
@@ -167,8 +171,14 @@ def bench_model(name, model_fn, quick, rounds, last_layer):
     amort = (99 * normal + (update if update is not None else normal)) / 100 - 1
     rows[mname] = (normal, update, amort, compile_s[mname])
     upd = f"{update:13.2f}" if update is not None else f"{'-':>13}"
-    print(f"{mname:<8} {normal:13.3f} {upd} {amort * 100:16.1f}% {compile_s[mname]:10.2f}")
-  print(f"{'dense':<8} {'':>13} {'':>13} {'':>17} {compile_s['dense']:10.2f}")
+    print(
+      f"{mname:<8} {normal:13.3f} {upd} {amort * 100:16.1f}% {compile_s[mname]:10.2f} "
+      f"{kernels[mname][0]:8d} {kernels[mname][1]:6d}"
+    )
+  print(
+    f"{'dense':<8} {'':>13} {'':>13} {'':>17} {compile_s['dense']:10.2f} "
+    f"{kernels['dense'][0]:8d} {kernels['dense'][1]:6d}"
+  )
   return rows
 
 
