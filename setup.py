@@ -59,30 +59,25 @@ class _BuildExtWithXlaFfi(build_ext):
 
 _REQUIRE_NATIVE = os.environ.get("SPARSEJAX_REQUIRE_NATIVE", "").strip() not in ("", "0")
 _FFI_COMMON = "sparsejax/_src/kernels/csrc/ffi_common.h"  # shared by the three sources
+
+
+def _native(module: str, source: str) -> Extension:
+  """One native XLA FFI extension (optional unless SPARSEJAX_REQUIRE_NATIVE is set)."""
+  return Extension(
+    module,
+    sources=[f"sparsejax/_src/kernels/csrc/{source}"],
+    depends=[_FFI_COMMON],
+    language="c++",
+    optional=not _REQUIRE_NATIVE,
+  )
+
+
 _NATIVE_EXTENSIONS = [
-  Extension(
-    "sparsejax._src.kernels._condensed_native",
-    sources=["sparsejax/_src/kernels/csrc/condensed_ffi.cc"],
-    depends=[_FFI_COMMON],
-    language="c++",
-    optional=not _REQUIRE_NATIVE,
-  ),
+  _native("sparsejax._src.kernels._condensed_native", "condensed_ffi.cc"),
   # Training kernels for fixed-capacity CSR sparse layers (sparsejax.sparse).
-  Extension(
-    "sparsejax._src.kernels._sparse_train_native",
-    sources=["sparsejax/_src/kernels/csrc/sparse_train_ffi.cc"],
-    depends=[_FFI_COMMON],
-    language="c++",
-    optional=not _REQUIRE_NATIVE,
-  ),
+  _native("sparsejax._src.kernels._sparse_train_native", "sparse_train_ffi.cc"),
   # Exact top-k selection of DST mask updates (sparsejax/_src/primitives/native_select.py).
-  Extension(
-    "sparsejax._src.primitives._select_native",
-    sources=["sparsejax/_src/kernels/csrc/select_ffi.cc"],
-    depends=[_FFI_COMMON],
-    language="c++",
-    optional=not _REQUIRE_NATIVE,
-  ),
+  _native("sparsejax._src.primitives._select_native", "select_ffi.cc"),
 ]
 
 setup(

@@ -50,14 +50,10 @@ def drop_and_grow(
   if n_grow is not None:
     selection.check_count("n_grow", n_grow)
   mask = mask.astype(bool)
-  if selection.native_usable():
-    # One custom call: the count and both selections (same result; far fewer kernels to
-    # compile than the count's loop, two selections and their glue).
-    return lax.platform_dependent(
-      cpu=lambda: native_select.drop_and_grow(mask, drop_scores, grow_scores, n_drop, n_grow),
-      default=lambda: _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow),
-    )
-  return _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow)
+  return selection.native_or_xla(  # native: the count and both selections in one call
+    lambda: native_select.drop_and_grow(mask, drop_scores, grow_scores, n_drop, n_grow),
+    lambda: _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow),
+  )
 
 
 def _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow):
@@ -114,30 +110,21 @@ def grouped_drop_and_grow(
   selection.check_count("n_drop", n_drop)
   mask = mask.astype(bool)
   axis = axis % mask.ndim
-  if (
-    selection.native_usable()
-    and mask.ndim == 2
-    and axis == 0
-    and not selection.ranks_pairwise(mask.shape[0])
-  ):
-    # One custom call: the counts, the layer-wise drop, the cap and the per-column growth
-    # (same result as the program below; a fraction of its kernels to compile).
+
+  def native():  # the counts, the drop, the cap and the per-column growth in one call
     groups = jnp.broadcast_to(jnp.asarray(per_group, jnp.int32), (1, mask.shape[1]))
     keepable = None if eligible is None else mask & eligible
+    return native_select.grouped_drop_and_grow(
+      mask, drop_scores, grow_scores, n_drop, groups, keepable, cap=cap
+    )
 
-    def native():
-      return native_select.grouped_drop_and_grow(
-        mask, drop_scores, grow_scores, n_drop, groups, keepable, cap=cap
-      )
-
-    def xla():
-      return _grouped_drop_and_grow_xla(
-        mask, drop_scores, grow_scores, n_drop, per_group, axis, cap, eligible
-      )
-
-    return lax.platform_dependent(cpu=native, default=xla)
-  return _grouped_drop_and_grow_xla(
-    mask, drop_scores, grow_scores, n_drop, per_group, axis, cap, eligible
+  return selection.native_or_xla(
+    native,
+    lambda: _grouped_drop_and_grow_xla(
+      mask, drop_scores, grow_scores, n_drop, per_group, axis, cap, eligible
+    ),
+    # Columns of a 2-D array (the fan-in view); short slices (N:M groups) are ranked.
+    eligible=mask.ndim == 2 and axis == 0 and not selection.ranks_pairwise(mask.shape[0]),
   )
 
 

@@ -35,6 +35,9 @@ which is most of a mask update's compile time and compile-time memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -69,9 +72,18 @@ def ranks_pairwise(length: int) -> bool:
   return length <= _PAIRWISE_MAX
 
 
-def native_usable() -> bool:
-  """Whether selections traced now take the native CPU kernels (``native_select``)."""
-  return _NATIVE and native_select.usable()
+def native_or_xla(native: Callable[[], Any], xla: Callable[[], Any], *, eligible: bool = True):
+  """``native()`` on a one-device CPU process with the native kernels (and ``eligible``),
+  else ``xla()``; the two compute the same result.
+
+  The native call holds one custom call where the XLA program holds dozens of kernels
+  (most of a mask update's compile time and compile-time memory); with several devices an
+  array may be sharded, and XLA would gather a custom call's operands, so the XLA program
+  serves those, accelerators, and processes without the extension.
+  """
+  if eligible and _NATIVE and native_select.usable():
+    return lax.platform_dependent(cpu=native, default=xla)
+  return xla()
 
 
 def _ordered_keys(scores: jax.Array) -> jax.Array:
@@ -232,17 +244,14 @@ def count_true(mask: jax.Array, axis: int | None = None) -> jax.Array:
   if axis is not None and axis % max(mask.ndim, 1) != 0:
     return jnp.sum(mask, axis=axis, keepdims=True, dtype=jnp.int32)
   view = mask.reshape(mask.shape[0], -1) if mask.ndim >= 2 else mask.reshape(-1, 1)
-  if native_usable() and view.size > _CHUNK_ABOVE:
-    # One custom call instead of a loop over chunks (a handful of kernels to compile).
-    per_column = axis is not None
-    counts = lax.platform_dependent(
-      cpu=lambda: native_select.count_2d(view.astype(bool), per_column=per_column).reshape(
-        (1, -1) if per_column else ()
-      ),
-      default=lambda: _count_true_xla(view, per_column),
-    )
-    return counts.reshape(()) if axis is None else counts.reshape((1,) + mask.shape[1:])
-  total = _count_true_xla(view, axis is not None)
+  per_column = axis is not None
+  total = native_or_xla(  # native: one custom call instead of a loop over chunks
+    lambda: native_select.count_2d(view.astype(bool), per_column=per_column).reshape(
+      (1, -1) if per_column else ()
+    ),
+    lambda: _count_true_xla(view, per_column),
+    eligible=view.size > _CHUNK_ABOVE,
+  )
   return total.reshape(()) if axis is None else total.reshape((1,) + mask.shape[1:])
 
 
@@ -274,12 +283,10 @@ def _select_2d(
   (``native_select``: the same result, a fraction of the compile time and memory);
   elsewhere (several devices, accelerators) the XLA program below does.
   """
-  if native_usable():
-    return lax.platform_dependent(
-      cpu=lambda: native_select.select_2d(scores, k, candidates, per_column=per_column),
-      default=lambda: _select_2d_xla(scores, k, candidates, per_column=per_column),
-    )
-  return _select_2d_xla(scores, k, candidates, per_column=per_column)
+  return native_or_xla(
+    lambda: native_select.select_2d(scores, k, candidates, per_column=per_column),
+    lambda: _select_2d_xla(scores, k, candidates, per_column=per_column),
+  )
 
 
 def _select_2d_xla(
