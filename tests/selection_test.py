@@ -333,6 +333,10 @@ def test_host_uniform_is_jax_uniform_bit_for_bit(shape):
     got = host_random.uniform(key, shape)
     assert got.dtype == np.float32 and got.shape == shape
     np.testing.assert_array_equal(got, np.asarray(jax.random.uniform(key, shape)))
+    for data in (0, 7, 2**32 - 1):  # the initial masks' per-leaf keys
+      folded = host_random.fold_in(key, data)
+      assert folded.dtype == np.uint32 and host_random.supported(folded)
+      np.testing.assert_array_equal(folded, np.asarray(jax.random.fold_in(key, data)))
 
 
 def test_host_uniform_refuses_what_it_cannot_reproduce():
@@ -343,6 +347,8 @@ def test_host_uniform_refuses_what_it_cannot_reproduce():
   assert not host_random.supported(jax.jit(lambda k: k)(jax.random.PRNGKey(0)) + 1.0)
   with pytest.raises(ValueError, match="`key` must be a concrete raw threefry key"):
     host_random.uniform(jax.random.key(0), (3,))
+  with pytest.raises(ValueError, match="`key` must be a concrete raw threefry key"):
+    host_random.fold_in(jax.random.key(0), 3)
   with jax.threefry_partitionable(False):
     assert not host_random.supported(jax.random.PRNGKey(0))
 

@@ -60,6 +60,31 @@ def threefry2x32(key: Sequence[int], x0: np.ndarray, x1: np.ndarray) -> None:
     x1 += np.uint32((ks[(i + 2) % 3] + i + 1) & _MASK32)
 
 
+def fold_in(key, data: int) -> np.ndarray:
+  """``jax.random.fold_in(key, data)`` as a NumPy ``uint32[2]`` key, bit for bit.
+
+  Args:
+    key: a key for which :func:`supported` is True.
+    data: a non-negative integer below ``2**32``.
+
+  Returns:
+    uint32 ``[2]``: a raw key for which :func:`supported` is True.
+  """
+  _check_key(key)
+  hi, lo = np.zeros(1, np.uint32), np.array([data], np.uint32)
+  threefry2x32(np.asarray(key), hi, lo)
+  return np.concatenate([hi, lo])
+
+
+def _check_key(key) -> None:
+  if not supported(key):
+    raise ValueError(
+      "`key` must be a concrete raw threefry key (uint32[2]) under the default "
+      f"partitionable threefry; got {getattr(key, 'dtype', type(key))} "
+      f"{getattr(key, 'shape', '')}."
+    )
+
+
 def uniform(key, shape: Sequence[int]) -> np.ndarray:
   """``jax.random.uniform(key, shape, jnp.float32)`` as a NumPy array, bit for bit.
 
@@ -73,12 +98,7 @@ def uniform(key, shape: Sequence[int]) -> np.ndarray:
   Raises:
     ValueError: for an unsupported key or a shape of ``2**32`` entries or more.
   """
-  if not supported(key):
-    raise ValueError(
-      "`key` must be a concrete raw threefry key (uint32[2]) under the default "
-      f"partitionable threefry; got {getattr(key, 'dtype', type(key))} "
-      f"{getattr(key, 'shape', '')}."
-    )
+  _check_key(key)
   size = int(np.prod(shape, dtype=np.int64))
   if size >= 2**32:
     raise ValueError(f"`shape` {tuple(shape)} has {size} entries; at most 2**32 - 1.")

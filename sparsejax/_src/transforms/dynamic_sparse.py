@@ -31,6 +31,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sparsejax._src import base, tree
@@ -76,12 +77,13 @@ class _Init:
         seed=config.seed,
         initial_alloc=config.initial_allocation,
       )
+    # Host scalars placed on the device: outside jit, jnp.zeros would compile a program.
     return DynamicSparseState(
-      count=jnp.zeros([], jnp.int32),
+      count=jax.device_put(np.zeros([], np.int32)),
       key=jax.random.PRNGKey(config.seed),
       masks=masks,
       inner_state=config.inner.init(params),
-      skipped_updates=jnp.zeros([], jnp.int32),
+      skipped_updates=jax.device_put(np.zeros([], np.int32)),
     )
 
 

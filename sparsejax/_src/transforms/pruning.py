@@ -261,7 +261,7 @@ def initial_masks(
       elif source.is_global and initial_alloc is None:
         masks.append(None)  # filled below by one global ranking of |w|
       else:
-        masks.append(_leaf_mask(source.structure, jax.random.fold_in(key, i), leaf, src.sparsity))
+        masks.append(_leaf_mask(source.structure, _fold_in(key, i), leaf, src.sparsity))
     pending = [i for i, m in enumerate(masks) if m is None and plan.leaves[i].sparsity is not None]
     if pending:
       out_shardings = {i: _concrete_sharding(leaves[i]) for i in pending}
@@ -296,6 +296,14 @@ def initial_masks(
       for m, p in zip(given, leaves, strict=True)
     ],
   )
+
+
+def _fold_in(key: jax.Array, data: int) -> jax.Array | np.ndarray:
+  """``jax.random.fold_in(key, data)``; on the host for a concrete threefry key (no
+  program compiled outside ``jit``, the same bits)."""
+  if host_random.supported(key):
+    return host_random.fold_in(key, data)
+  return jax.random.fold_in(key, data)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -338,7 +346,7 @@ def _random_mask(structure, key, shape, sparsity):
   """
   host = _host_random_mask(structure, key, tuple(shape), sparsity)
   if host is not None:
-    return jnp.asarray(host)
+    return jax.device_put(host)  # jnp.asarray would compile a staging program per shape
   return _random_mask_program(structure, key, shape, sparsity)
 
 

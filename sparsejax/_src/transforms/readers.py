@@ -117,11 +117,18 @@ def apply_masks(params: base.Params, opt_state: Any) -> base.Params:
   _, leaves, treedef = _check_matches(params, paths, masks)
   if _states(opt_state, NMSRSTEState):
     return params
-  out = [
-    leaf if mask is None else jnp.where(mask, leaf, jnp.zeros_like(leaf))
-    for leaf, mask in zip(leaves, masks, strict=True)
-  ]
+  sparse = [i for i, mask in enumerate(masks) if mask is not None]
+  out = list(leaves)
+  for i, leaf in zip(sparse, _zero_pruned([leaves[i] for i in sparse], [masks[i] for i in sparse])):
+    out[i] = leaf
   return jax.tree.unflatten(treedef, out)
+
+
+@jax.jit
+def _zero_pruned(leaves: list[jax.Array], masks: list[jax.Array]) -> list[jax.Array]:
+  """Every leaf with its pruned entries set to 0: one program for all leaves (eagerly, a
+  ``jnp.where`` per leaf compiles a program per shape)."""
+  return [jnp.where(m, x, jnp.zeros_like(x)) for x, m in zip(leaves, masks, strict=True)]
 
 
 def forward_params(params: base.Params, opt_state: Any) -> base.Params:
