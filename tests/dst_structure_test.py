@@ -180,9 +180,9 @@ def test_eager_update_calls_reuse_one_compiled_program():
 )
 def test_one_device_cpu_update_selects_with_the_native_kernel(method, fused_target, monkeypatch):
   """On a one-device CPU process every selection of the update is a native call (one fused
-  drop-and-grow per leaf; SRigL's ablation rule selects its salient weights separately):
-  the compiled step holds none of the XLA selection program (its radix loops and their
-  kernels), which is what keeps its compile time and compile-time memory small."""
+  drop-and-grow per leaf; SRigL's ablation rule is one more call on its ablating layer;
+  SET's leaf keys one call): the compiled step holds none of the XLA selection program
+  (its radix loops and their kernels), which keeps its compile time and memory small."""
   from sparsejax._src.primitives import native_select, selection
 
   if not native_select.usable():
@@ -199,10 +199,13 @@ def test_one_device_cpu_update_selects_with_the_native_kernel(method, fused_targ
     return jax.jit(tx.update).lower(params, state, params).compile().as_text()
 
   native, xla = compiled_text(True), compiled_text(False)
-  calls = native.count('custom_call_target="sparsejax_select"')
   fused = native.count(f'custom_call_target="{fused_target}"')
   assert fused == 2, fused  # one for each of the two sparse leaves
-  assert calls == (2 if method == "srigl" else 0), calls  # SRigL: the ablated layer's rule
+  assert native.count('custom_call_target="sparsejax_select"') == 0
+  ablate = native.count('custom_call_target="sparsejax_ablate"')
+  assert ablate == (1 if method == "srigl" else 0), ablate  # SRigL: the ablating layer's rule
+  keys = native.count('custom_call_target="sparsejax_leaf_keys"')
+  assert keys == (1 if method == "set_" else 0), keys  # only SET's criteria read a key
   assert 'custom_call_target="sparsejax_' not in xla
   assert native.count(" while(") < xla.count(" while("), "radix loops left in the program"
   assert native.count(" fusion(") <= 0.75 * xla.count(" fusion("), "selection kernels left"

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax._src import base
-from sparsejax._src.primitives import threefry
+from sparsejax._src.primitives import score_form
 
 Criterion = Callable[[base.ScoreContext], jax.Array]
 
@@ -52,28 +52,10 @@ def random_scores(ctx: base.ScoreContext) -> jax.Array:
   return hashed_uniform(ctx.key, ctx.param.shape)
 
 
-def _fmix32(x: jax.Array) -> jax.Array:
-  x = x ^ (x >> 16)
-  x = x * jnp.uint32(0x85EBCA6B)
-  x = x ^ (x >> 13)
-  x = x * jnp.uint32(0xC2B2AE35)
-  return x ^ (x >> 16)
-
-
 def hashed_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Uniform float32 in [0, 1) per entry of ``shape``: a keyed hash of the flat index."""
-  if threefry.supported(key):  # jax.random.bits, as one fused kernel (no while loop)
-    words = threefry.bits(key, 2)
-  else:
-    words = jax.random.bits(key, (2,), jnp.uint32)
-  index = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(len(shape))):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
-    stride *= shape[axis]
-  x = _fmix32(index * jnp.uint32(0x9E3779B9) ^ words[0])
-  x = _fmix32(x ^ words[1])
-  return (x >> 8).astype(jnp.float32) * jnp.float32(1.0 / (1 << 24))
+  """Uniform float32 in [0, 1) per entry of ``shape``: a keyed hash of the flat index
+  (``score_form.hash_uniform`` with the words ``jax.random.bits(key, (2,))``)."""
+  return score_form.as_array(score_form.keyed_hash(key, shape))
 
 
 def snip(ctx: base.ScoreContext) -> jax.Array:
@@ -113,6 +95,23 @@ _REGISTRY: dict[str, Criterion] = {
   "momentum": momentum_magnitude,
   "momentum_magnitude": momentum_magnitude,
 }
+
+
+# The built-in criteria whose scores the native kernels read in place (score_form.py):
+# the same scores as the functions return, without a float32 copy per weight.
+_FORMS: dict[Criterion, Callable[[base.ScoreContext], score_form.ScoreForm]] = {
+  magnitude: lambda ctx: score_form.magnitude(ctx.param),
+  gradient_magnitude: lambda ctx: score_form.magnitude(ctx.grad),
+  random_scores: lambda ctx: score_form.keyed_hash(ctx.key, ctx.param.shape),
+}
+
+
+def scores_of(criterion: Criterion, ctx: base.ScoreContext) -> score_form.ScoreForm:
+  """``criterion(ctx)`` as a ``score_form.ScoreForm``: the built-in magnitude, gradient
+  and random criteria as forms the native kernels compute in place, any other criterion
+  as the array it returns."""
+  form = _FORMS.get(criterion)
+  return form(ctx) if form is not None else score_form.values(criterion(ctx))
 
 
 def register_criterion(name: str, fn: Criterion, *, overwrite: bool = False) -> Criterion:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax._src import base
-from sparsejax._src.primitives import selection
+from sparsejax._src.primitives import native_select, selection
 
 
 def neurons_to_ablate(
@@ -55,13 +55,21 @@ def neurons_to_ablate(
     raise ValueError(f"`relative_to` must be 'sparse' or 'dense', got {relative_to!r}.")
   reference = budget // n_out if relative_to == "sparse" else fan_in
   threshold = max(1, int(gamma_sal * reference))
-  salient = selection.topk_mask(jnp.abs(weights), n_keep) | selection.topk_mask(
-    jnp.abs(grads), n_drop
+  counts = jnp.stack([jnp.asarray(n_keep, jnp.int32), jnp.asarray(n_drop, jnp.int32)])
+
+  def xla():
+    salient = selection.topk_mask(jnp.abs(weights), counts[0]) | selection.topk_mask(
+      jnp.abs(grads), counts[1]
+    )
+    per_neuron = selection.count_true(salient, axis=0)[0]
+    guard = jnp.sort(per_neuron)[::-1][min_neurons]  # (min_neurons+1)-th largest count
+    return per_neuron < jnp.minimum(jnp.int32(threshold), guard)
+
+  # Native: both selections, the per-neuron counts and the rule in one call, reading
+  # |w| and |g| in place (no float copies, no bool temporaries).
+  return selection.native_or_xla(
+    lambda: native_select.ablate(weights, grads, counts, threshold, min_neurons), xla
   )
-  counts = selection.count_true(salient, axis=0)[0]
-  guard = jnp.sort(counts)[::-1][min_neurons]  # (min_neurons+1)-th largest count
-  threshold = jnp.minimum(jnp.int32(threshold), guard)
-  return counts < threshold
 
 
 def active_neurons(mask: jax.Array) -> jax.Array:

@@ -14,13 +14,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sparsejax._src.primitives import native_select, selection
+from sparsejax._src.primitives import native_select, score_form, selection
 
 
 def drop_and_grow(
   mask: jax.Array,
-  drop_scores: jax.Array,
-  grow_scores: jax.Array,
+  drop_scores: score_form.Scores,
+  grow_scores: score_form.Scores,
   n_drop: jax.Array | int,
   n_grow: jax.Array | int | None = None,
 ) -> tuple[jax.Array, jax.Array]:
@@ -35,7 +35,9 @@ def drop_and_grow(
 
   Args:
     mask: bool array, the current mask.
-    drop_scores: scores shaped like ``mask``; higher means more worth keeping.
+    drop_scores: scores shaped like ``mask``; higher means more worth keeping. An array
+      or a ``score_form.ScoreForm`` (the native kernel then reads ``|w|``, ``|g|`` or
+      the hash in place).
     grow_scores: scores shaped like ``mask``; higher means more worth growing.
     n_drop: number of entries to drop; clipped to ``[0, nnz(mask)]`` (more than nnz
       cannot be dropped, so the layer never grows).
@@ -64,6 +66,7 @@ def _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow):
     n_grow = n_drop
   else:
     n_grow = jnp.maximum(jnp.asarray(n_grow, jnp.int32), 0)
+  drop_scores, grow_scores = score_form.as_array(drop_scores), score_form.as_array(grow_scores)
   kept = selection.topk_mask(drop_scores, nnz - n_drop, candidates=mask)
   grown = selection.topk_mask(grow_scores, n_grow, candidates=~kept)
   return kept | grown, kept
@@ -71,8 +74,8 @@ def _drop_and_grow_xla(mask, drop_scores, grow_scores, n_drop, n_grow):
 
 def grouped_drop_and_grow(
   mask: jax.Array,
-  drop_scores: jax.Array,
-  grow_scores: jax.Array,
+  drop_scores: score_form.Scores,
+  grow_scores: score_form.Scores,
   n_drop: jax.Array | int,
   per_group: jax.Array | int,
   *,
@@ -91,8 +94,8 @@ def grouped_drop_and_grow(
 
   Args:
     mask: bool array; groups are the 1-D slices along ``axis``.
-    drop_scores: shaped like ``mask``.
-    grow_scores: shaped like ``mask``.
+    drop_scores: shaped like ``mask`` (an array or a ``score_form.ScoreForm``).
+    grow_scores: shaped like ``mask`` (likewise).
     n_drop: number of active entries dropped layer-wide before regrowth (clipped to
       ``[0, nnz(mask)]``).
     per_group: target count per group: a scalar or an int array with ``axis`` reduced
@@ -132,6 +135,7 @@ def _grouped_drop_and_grow_xla(
   mask, drop_scores, grow_scores, n_drop, per_group, axis, cap, eligible
 ):
   """:func:`grouped_drop_and_grow` as an XLA program (any backend, any sharding)."""
+  drop_scores, grow_scores = score_form.as_array(drop_scores), score_form.as_array(grow_scores)
   nnz = selection.count_true(mask)
   n_drop = jnp.clip(jnp.asarray(n_drop, jnp.int32), 0, nnz)
   keepable = mask if eligible is None else mask & eligible

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sparsejax._src.primitives import native_select, radix
+from sparsejax._src.primitives import native_select, radix, score_form
 
 _SIGN_BIT = np.uint32(0x80000000)  # NumPy: importing must not start a JAX backend
 
@@ -100,7 +100,7 @@ def _ordered_keys(scores: jax.Array) -> jax.Array:
 
 
 def topk_mask(
-  scores: jax.Array,
+  scores: score_form.Scores,
   k: jax.Array | int,
   *,
   axis: int | None = None,
@@ -109,7 +109,8 @@ def topk_mask(
   """Selects the ``k`` highest-scoring entries, exactly, with index tie-breaking.
 
   Args:
-    scores: float array of any shape.
+    scores: float array of any shape (or a ``score_form.ScoreForm``, which a whole-array
+      selection of a 2-D or larger shape reads in place on the native path).
     k: number of entries to select. With ``axis=None`` a scalar (python int or traced
       int32); with an ``axis``, a scalar or an integer array broadcastable to ``scores``
       with that axis reduced to size 1 (``keepdims`` shape), giving one count per slice.
@@ -129,8 +130,14 @@ def topk_mask(
     >>> topk_mask(jnp.array([1., 3., 3., 0.]), 2)
     Array([False,  True,  True, False], dtype=bool)
   """
-  scores = jnp.asarray(scores)
   check_count("k", k)
+  if isinstance(scores, score_form.ScoreForm) and len(scores.shape) >= 2 and axis is None:
+    # A whole-array selection of a form: the native kernel reads it in place.
+    view = score_form.reshape(scores, (-1, scores.shape[-1]))
+    cands = None if candidates is None else candidates.reshape(view.shape)
+    k = jnp.reshape(jnp.asarray(k, jnp.int32), (1, 1))
+    return _select_2d(view, k, cands, per_column=False).reshape(scores.shape)
+  scores = score_form.as_array(scores)
   if axis is None:
     # One group over the whole array, on a free 2-D view [.., last axis] (no flattening
     # copy): rows are chunked, entries ranked by flat index for ties.
@@ -274,7 +281,7 @@ def _count_true_xla(view: jax.Array, per_column: bool) -> jax.Array:
 
 
 def _select_2d(
-  scores: jax.Array, k: jax.Array, candidates: jax.Array | None, *, per_column: bool
+  scores: score_form.Scores, k: jax.Array, candidates: jax.Array | None, *, per_column: bool
 ) -> jax.Array:
   """Top-``k`` of ``[L, G]`` scores: per column (``k`` is ``[1, G]``) or over the whole
   array (``per_column=False``, ``k`` is ``[1, 1]``, ties by row-major flat index).
@@ -285,7 +292,7 @@ def _select_2d(
   """
   return native_or_xla(
     lambda: native_select.select_2d(scores, k, candidates, per_column=per_column),
-    lambda: _select_2d_xla(scores, k, candidates, per_column=per_column),
+    lambda: _select_2d_xla(score_form.as_array(scores), k, candidates, per_column=per_column),
   )
 
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax._src import base
-from sparsejax._src.primitives import ablation, drop_grow, selection
+from sparsejax._src.primitives import ablation, drop_grow, score_form, selection
 
 
 @runtime_checkable
@@ -215,7 +215,7 @@ class ConstantFanIn:
     shape = ctx.mask.shape
     flat = base.fan_in_shape(shape)
     mask = ctx.mask.reshape(flat)
-    drop_scores = drop_scores.reshape(flat)
+    drop_scores = score_form.reshape(drop_scores, flat)
     if self.ablates(ctx.path, ctx.layer):
       nnz = selection.count_true(mask)
       ablated = ablation.neurons_to_ablate(
@@ -241,7 +241,7 @@ class ConstantFanIn:
     new, _ = drop_grow.grouped_drop_and_grow(
       mask,
       drop_scores,
-      grow_scores.reshape(flat),
+      score_form.reshape(grow_scores, flat),
       n_drop,
       per_neuron,
       axis=0,
@@ -311,8 +311,8 @@ class NM:
     grouped = self.grouped_shape(shape)
     new, _ = drop_grow.grouped_drop_and_grow(
       ctx.mask.reshape(grouped),
-      drop_scores.reshape(grouped),
-      grow_scores.reshape(grouped),
+      score_form.reshape(drop_scores, grouped),
+      score_form.reshape(grow_scores, grouped),
       n_drop,
       self.n,
       axis=1,
@@ -402,8 +402,8 @@ class Block:
     target = None if ctx.target_nnz is None else jnp.asarray(ctx.target_nnz, jnp.int32) // size
     new = _unstructured_update(
       self.to_blocks(ctx.mask, "all"),
-      self.to_blocks(drop_scores),
-      self.to_blocks(grow_scores),
+      self.to_blocks(score_form.as_array(drop_scores)),
+      self.to_blocks(score_form.as_array(grow_scores)),
       jnp.asarray(n_drop, jnp.int32) // size,
       target,
     )
@@ -411,6 +411,13 @@ class Block:
 
 
 _BUILTIN = (Unstructured, ConstantFanIn, NM, Block)
+
+
+def reads_score_forms(structure: Structure) -> bool:
+  """Whether ``structure.drop_and_grow`` takes ``score_form.ScoreForm`` scores: the
+  built-in structures (exactly these classes; a user's structure, or a subclass that may
+  override ``drop_and_grow``, gets arrays as the protocol says)."""
+  return type(structure) in _BUILTIN
 
 
 def get_structure(structure: str | Structure | None) -> Structure:

@@ -30,7 +30,8 @@ import optax
 from jax import lax
 
 from sparsejax._src import base, tree
-from sparsejax._src.primitives import selection, threefry
+from sparsejax._src.criteria import scores as criteria
+from sparsejax._src.primitives import native_select, score_form, selection, structures, threefry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +110,17 @@ def reset_inner_state(inner, inner_state, where: Sequence[Any], treedef):
 def _derive_keys(indices: Sequence[int], count, key) -> jax.Array:
   """``split(fold_in(fold_in(key, count), index))`` of every index, as ``[L, 2, *key]``.
 
-  Raw threefry keys take the unrolled elementwise hash (``primitives/threefry.py``: the
-  same bits, one fused kernel instead of three compiled while loops).
+  Raw threefry keys take one native call on a one-device CPU process
+  (``native_select.leaf_keys``), else the unrolled elementwise hash
+  (``primitives/threefry.py``): the same bits, instead of three compiled while loops.
   """
   data = jnp.asarray(indices, jnp.uint32)
   if threefry.supported(key):
-    return threefry.split(threefry.fold_in(threefry.fold_in(key, count), data))
+    # Native: one call (the unrolled hash is one large fusion, ~10 MB to compile).
+    return selection.native_or_xla(
+      lambda: native_select.leaf_keys(key, count, data),
+      lambda: threefry.split(threefry.fold_in(threefry.fold_in(key, count), data)),
+    )
   step_key = jax.random.fold_in(key, count)
   return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(step_key, i)))(data)
 
@@ -188,8 +194,10 @@ def leaf_flips(rule: LeafRule, count, keys, param, grad, mask, moments, target=N
   own table, or none: nnz preserved).
   """
   ctx = _context(rule, count, keys, param, grad, mask, moments, target)
-  drop_scores = rule.drop(ctx)
-  grow_scores = rule.grow(ctx._replace(key=keys[1]))
+  # Built-in criteria come as forms the native kernels read in place (|w|, |g|, SET's
+  # hash: no float32 copy per weight in the step's temporaries); others as their arrays.
+  drop_scores = criteria.scores_of(rule.drop, ctx)
+  grow_scores = criteria.scores_of(rule.grow, ctx._replace(key=keys[1]))
   for name, scores in (("drop", drop_scores), ("grow", grow_scores)):
     if scores.shape != mask.shape:
       raise ValueError(
@@ -198,9 +206,16 @@ def leaf_flips(rule: LeafRule, count, keys, param, grad, mask, moments, target=N
       )
   # One elementwise pass and one reduction (separate all(isfinite(x)) per input would
   # each materialise a bool array in the update branch's temporaries).
+  checks = [score_form.isfinite(drop_scores), score_form.isfinite(grow_scores)]
   finite = jnp.all(
-    jnp.isfinite(drop_scores) & jnp.isfinite(grow_scores) & jnp.isfinite(grad) & jnp.isfinite(param)
+    functools.reduce(
+      jnp.logical_and,
+      [c for c in checks if c is not None],
+      jnp.isfinite(grad) & jnp.isfinite(param),
+    )
   )
+  if not structures.reads_score_forms(rule.structure):
+    drop_scores, grow_scores = score_form.as_array(drop_scores), score_form.as_array(grow_scores)
   # Swapped weights: a fraction of the active ones (or of the target under a schedule).
   nnz = selection.count_true(mask) if ctx.target_nnz is None else ctx.target_nnz
   fraction = jnp.clip(jnp.asarray(rule.drop_fraction(count), jnp.float32), 0.0, 1.0)

@@ -5,14 +5,25 @@
 // same result bit for bit.
 //
 //   sparsejax_select(scores f32 [L, G], candidates pred [L, G] or [0], k s32 [1, 1] or
-//                    [1, G]) -> pred [L, G]
-//   sparsejax_drop_grow(drop f32 [..], grow f32 [..], mask pred [..], counts s32 [2])
-//                    -> (new pred [..], kept pred [..]): `drop_grow.drop_and_grow`, two
-//                    whole-array selections and the count of the mask in one call
+//                    [1, G], words u32 [2]) -> pred [L, G]
+//   sparsejax_drop_grow(drop f32 [..], grow f32 [..], mask pred [..], counts s32 [2],
+//                    words u32 [4]) -> (new pred [..], kept pred [..]):
+//                    `drop_grow.drop_and_grow`, two whole-array selections and the count
+//                    of the mask in one call
 //   sparsejax_count(mask pred [L, G]) -> s32 [1, 1] or [1, G]: `selection.count_true`
 //   sparsejax_grouped_drop_grow(drop, grow f32 [L, G], mask, keepable pred [L, G],
-//                    per_group s32 [1, G], n_drop s32 [1]) -> (new, kept):
+//                    per_group s32 [1, G], n_drop s32 [1], words u32 [4]) -> (new, kept):
 //                    `drop_grow.grouped_drop_and_grow` along axis 0 (SRigL's update)
+//   sparsejax_ablate(weights, grads f32 [L, G], counts s32 [2]) -> pred [G]:
+//                    `ablation.neurons_to_ablate` (SRigL's neuron ablation)
+//   sparsejax_leaf_keys(key u32 [2], count s32 [], indices u32 [L]) -> u32 [L, 2, 2]:
+//                    `step.leaf_keys`' threefry derivation of every leaf's keys
+//
+// Every score argument has a mode attribute (`score_form.py`): kValues reads the float32
+// buffer, kMagnitude its absolute values, kHash SET's keyed hash of the flat index from two
+// of `words` (the buffer is then empty), kKeyedHash the same hash with the words drawn from
+// a raw threefry key held in `words` (jax.random.bits(key, (2,))). A mask update reads |w|,
+// |g| or the hash this way without a float32 copy of every score in XLA's temporaries.
 //
 // Scores map to order-preserving uint32 keys (larger score, larger key; -0.0 as +0.0);
 // a non-candidate (and the one NaN pattern whose key is 0) gets key 0 and is never
@@ -36,8 +47,12 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <memory>
+#include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -68,8 +83,64 @@ struct Candidates {
   bool invert = false;
 };
 
-inline uint32_t KeyAt(const float* scores, Candidates cands, int64_t i) {
-  return (cands.p != nullptr && cands.p[i] == cands.invert) ? 0u : Key(scores[i]);
+// How a selection reads its scores (score_form.py): the float32 values of a buffer, their
+// magnitudes (|x|: the sign bit cleared, as jnp.abs), or SET's keyed hash of the flat index
+// (criteria `random`: two rounds of the MurmurHash3 finalizer, 24 bits, as float32 in
+// [0, 1)). The last two need no float copy of the scores.
+enum ScoreMode : int64_t { kValues = 0, kMagnitude = 1, kHash = 2, kKeyedHash = 3 };
+
+inline uint32_t Fmix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x85EBCA6Bu;
+  x ^= x >> 13;
+  x *= 0xC2B2AE35u;
+  return x ^ (x >> 16);
+}
+
+// Threefry-2x32, 20 rounds (Salmon et al. 2011), as JAX computes it: the two output words
+// of counter (x0, x1) under key (k0, k1).
+void Threefry2x32(uint32_t k0, uint32_t k1, uint32_t& x0, uint32_t& x1) {
+  static constexpr int kRotations[2][4] = {{13, 15, 26, 6}, {17, 29, 16, 24}};
+  const uint32_t ks[3] = {k0, k1, k0 ^ k1 ^ 0x1BD11BDAu};
+  x0 += ks[0];
+  x1 += ks[1];
+  for (int i = 0; i < 5; ++i) {
+    for (const int r : kRotations[i % 2]) {
+      x0 += x1;
+      x1 = ((x1 << r) | (x1 >> (32 - r))) ^ x0;
+    }
+    x0 += ks[(i + 1) % 3];
+    x1 += ks[(i + 2) % 3] + static_cast<uint32_t>(i + 1);
+  }
+}
+
+// jax.random.bits(key, (2,), uint32) of a raw threefry key under the partitionable
+// threefry (the default): word i is the xor of the outputs of counter (0, i).
+void KeyBits(uint32_t k0, uint32_t k1, uint32_t& w0, uint32_t& w1) {
+  uint32_t a0 = 0, a1 = 0, b0 = 0, b1 = 1;
+  Threefry2x32(k0, k1, a0, a1);
+  Threefry2x32(k0, k1, b0, b1);
+  w0 = a0 ^ a1;
+  w1 = b0 ^ b1;
+}
+
+struct Scores {
+  const float* values = nullptr;
+  int64_t mode = kValues;
+  uint32_t word0 = 0, word1 = 0;
+
+  inline float At(int64_t i) const {
+    if (mode == kHash) {
+      const uint32_t x = Fmix32(Fmix32(static_cast<uint32_t>(i) * 0x9E3779B9u ^ word0) ^ word1);
+      return static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
+    }
+    const float v = values[i];
+    return mode == kMagnitude ? std::fabs(v) : v;
+  }
+};
+
+inline uint32_t KeyAt(const Scores& scores, Candidates cands, int64_t i) {
+  return (cands.p != nullptr && cands.p[i] == cands.invert) ? 0u : Key(scores.At(i));
 }
 
 // The largest digit d with count(digit >= d) >= need, scanning bins from the top; returns
@@ -105,7 +176,7 @@ int64_t Merge(const std::vector<uint32_t>& hist, int64_t parts, int64_t bins,
 // of the second histogram) ranks its ties after those of the parts before it.
 // ---------------------------------------------------------------------------------------
 
-void SelectWhole(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
+void SelectWhole(ffi::ThreadPool& pool, int64_t n_threads, const Scores& scores,
                  Candidates cands, int64_t n, int64_t k, bool* out) {
   if (k <= 0) {
     std::fill(out, out + n, false);
@@ -189,7 +260,7 @@ void ColumnThreshold(const uint32_t* keys, int64_t rows, const std::array<uint32
   threshold = prefix;
 }
 
-void SelectColumns(ffi::ThreadPool& pool, int64_t n_threads, const float* scores,
+void SelectColumns(ffi::ThreadPool& pool, int64_t n_threads, const Scores& scores,
                    Candidates cands, int64_t rows, int64_t cols, const int32_t* k, bool* out) {
   const int64_t n_blocks = (cols + kColumnBlock - 1) / kColumnBlock;
   const int64_t parts =
@@ -234,14 +305,39 @@ int64_t ThreadCount(ffi::ThreadPool& pool, int64_t threads) {
   return std::min(n_threads, kMaxThreads);
 }
 
-ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::Buffer<ffi::PRED> candidates,
-                      ffi::Buffer<ffi::S32> k, ffi::ResultBuffer<ffi::PRED> out,
-                      int64_t per_column, int64_t threads) {
-  const auto dims = scores.dimensions();
+// The Scores of a kernel's score argument: `values` holds n floats (kValues, kMagnitude)
+// or none (kHash, whose two words are words[2 slot], words[2 slot + 1]).
+ffi::Error MakeScores(const char* what, const ffi::Buffer<ffi::F32>& values, int64_t mode,
+                      const ffi::Buffer<ffi::U32>& words, int64_t slot, int64_t n,
+                      Scores& out) {
+  const int64_t size = static_cast<int64_t>(values.element_count());
+  if (mode == kValues || mode == kMagnitude) {
+    if (size != n) return ffi::Error::InvalidArgument(std::string(what) + ": scores size");
+    out = Scores{values.typed_data(), mode, 0u, 0u};
+    return ffi::Error::Success();
+  }
+  if ((mode != kHash && mode != kKeyedHash) ||
+      static_cast<int64_t>(words.element_count()) < 2 * slot + 2) {
+    return ffi::Error::InvalidArgument(std::string(what) + ": score mode or hash words");
+  }
+  out = Scores{nullptr, kHash, words.typed_data()[2 * slot], words.typed_data()[2 * slot + 1]};
+  if (mode == kKeyedHash) KeyBits(out.word0, out.word1, out.word0, out.word1);
+  return ffi::Error::Success();
+}
+
+ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
+                      ffi::Buffer<ffi::PRED> candidates, ffi::Buffer<ffi::S32> k,
+                      ffi::Buffer<ffi::U32> words, ffi::ResultBuffer<ffi::PRED> out,
+                      int64_t per_column, int64_t mode, int64_t threads) {
+  const auto dims = out->dimensions();
   if (dims.size() != 2) {
     return ffi::Error::InvalidArgument("sparsejax_select: scores must be 2-D [L, G]");
   }
   const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
+  Scores scores;
+  if (auto e = MakeScores("sparsejax_select", values, mode, words, 0, n, scores); e.failure()) {
+    return e;
+  }
   Candidates cands;
   if (candidates.element_count() != 0) {
     if (static_cast<int64_t>(candidates.element_count()) != n) {
@@ -257,9 +353,9 @@ ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores, ffi::B
   bool* dst = out->typed_data();
   const int64_t n_threads = ThreadCount(pool, threads);
   if (per_column) {
-    SelectColumns(pool, n_threads, scores.typed_data(), cands, rows, cols, k.typed_data(), dst);
+    SelectColumns(pool, n_threads, scores, cands, rows, cols, k.typed_data(), dst);
   } else {
-    SelectWhole(pool, n_threads, scores.typed_data(), cands, n, k.typed_data()[0], dst);
+    SelectWhole(pool, n_threads, scores, cands, n, k.typed_data()[0], dst);
   }
   return ffi::Error::Success();
 }
@@ -296,16 +392,21 @@ void CountColumns(ffi::ThreadPool& pool, int64_t n_threads, const bool* m, int64
 // clipped to [0, nnz]; kept = the nnz - n_drop highest drop scores among the mask's
 // entries; grown = the n_grow highest grow scores among the entries not kept (n_grow:
 // n_drop after clipping when `grow_default`, else max(n_grow, 0)); new = kept | grown.
-ffi::Error DropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop,
-                        ffi::Buffer<ffi::F32> grow, ffi::Buffer<ffi::PRED> mask,
-                        ffi::Buffer<ffi::S32> counts, ffi::ResultBuffer<ffi::PRED> new_mask,
-                        ffi::ResultBuffer<ffi::PRED> kept, int64_t grow_default,
+ffi::Error DropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_values,
+                        ffi::Buffer<ffi::F32> grow_values, ffi::Buffer<ffi::PRED> mask,
+                        ffi::Buffer<ffi::S32> counts, ffi::Buffer<ffi::U32> words,
+                        ffi::ResultBuffer<ffi::PRED> new_mask, ffi::ResultBuffer<ffi::PRED> kept,
+                        int64_t grow_default, int64_t drop_mode, int64_t grow_mode,
                         int64_t threads) {
-  const int64_t n = static_cast<int64_t>(drop.element_count());
-  if (static_cast<int64_t>(grow.element_count()) != n ||
-      static_cast<int64_t>(mask.element_count()) != n) {
-    return ffi::Error::InvalidArgument(
-        "sparsejax_drop_grow: drop scores, grow scores and mask must have one size");
+  const int64_t n = static_cast<int64_t>(mask.element_count());
+  Scores drop, grow;
+  if (auto e = MakeScores("sparsejax_drop_grow drop", drop_values, drop_mode, words, 0, n, drop);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = MakeScores("sparsejax_drop_grow grow", grow_values, grow_mode, words, 1, n, grow);
+      e.failure()) {
+    return e;
   }
   if (counts.element_count() != 2) {
     return ffi::Error::InvalidArgument("sparsejax_drop_grow: counts must be [n_drop, n_grow]");
@@ -320,8 +421,8 @@ ffi::Error DropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop,
       grow_default ? n_drop : std::max<int64_t>(counts.typed_data()[1], 0);
   bool* k = kept->typed_data();
   bool* out = new_mask->typed_data();
-  SelectWhole(pool, n_threads, drop.typed_data(), Candidates{m, false}, n, nnz - n_drop, k);
-  SelectWhole(pool, n_threads, grow.typed_data(), Candidates{k, true}, n, n_grow, out);
+  SelectWhole(pool, n_threads, drop, Candidates{m, false}, n, nnz - n_drop, k);
+  SelectWhole(pool, n_threads, grow, Candidates{k, true}, n, n_grow, out);
   ParallelFor(pool, parts, parts, [&](int64_t p) {
     for (int64_t i = n * p / parts; i < n * (p + 1) / parts; ++i) out[i] = out[i] || k[i];
   });
@@ -333,24 +434,33 @@ ffi::Error DropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop,
 // mask's eligible entries); with `cap`, columns holding more than per_group[c] kept
 // entries are cut to their per_group[c] highest drop scores; each column then grows its
 // highest grow scores among the entries not kept, up to per_group[c]; new = kept | grown.
-ffi::Error GroupedDropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop,
-                               ffi::Buffer<ffi::F32> grow, ffi::Buffer<ffi::PRED> mask,
+ffi::Error GroupedDropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_values,
+                               ffi::Buffer<ffi::F32> grow_values, ffi::Buffer<ffi::PRED> mask,
                                ffi::Buffer<ffi::PRED> keepable, ffi::Buffer<ffi::S32> per_group,
-                               ffi::Buffer<ffi::S32> n_drop_in,
+                               ffi::Buffer<ffi::S32> n_drop_in, ffi::Buffer<ffi::U32> words,
                                ffi::ResultBuffer<ffi::PRED> new_mask,
                                ffi::ResultBuffer<ffi::PRED> kept_out, int64_t cap,
-                               int64_t threads) {
+                               int64_t drop_mode, int64_t grow_mode, int64_t threads) {
   const auto dims = mask.dimensions();
   if (dims.size() != 2) {
     return ffi::Error::InvalidArgument("sparsejax_grouped_drop_grow: mask must be [L, G]");
   }
   const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
-  if (static_cast<int64_t>(drop.element_count()) != n ||
-      static_cast<int64_t>(grow.element_count()) != n ||
-      (keepable.element_count() != 0 && static_cast<int64_t>(keepable.element_count()) != n) ||
+  Scores drop, grow;
+  if (auto e = MakeScores("sparsejax_grouped_drop_grow drop", drop_values, drop_mode, words, 0,
+                          n, drop);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = MakeScores("sparsejax_grouped_drop_grow grow", grow_values, grow_mode, words, 1,
+                          n, grow);
+      e.failure()) {
+    return e;
+  }
+  if ((keepable.element_count() != 0 && static_cast<int64_t>(keepable.element_count()) != n) ||
       static_cast<int64_t>(per_group.element_count()) != cols || n_drop_in.element_count() != 1) {
     return ffi::Error::InvalidArgument(
-        "sparsejax_grouped_drop_grow: scores and keepable [L, G], per_group [1, G], n_drop [1]");
+        "sparsejax_grouped_drop_grow: keepable [L, G], per_group [1, G], n_drop [1]");
   }
   if (n == 0) return ffi::Error::Success();
   const int64_t n_threads = ThreadCount(pool, threads);
@@ -361,27 +471,99 @@ ffi::Error GroupedDropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop,
   const int64_t n_drop = std::clamp<int64_t>(n_drop_in.typed_data()[0], 0, nnz);
   bool* kept = kept_out->typed_data();
   const bool* keep_from = keepable.element_count() != 0 ? keepable.typed_data() : m;
-  SelectWhole(pool, n_threads, drop.typed_data(), Candidates{keep_from, false}, n, nnz - n_drop,
-              kept);
+  SelectWhole(pool, n_threads, drop, Candidates{keep_from, false}, n, nnz - n_drop, kept);
   std::vector<int32_t> n_kept(static_cast<size_t>(cols)), grow_k(static_cast<size_t>(cols));
   CountColumns(pool, n_threads, kept, rows, cols, n_kept.data());
   if (cap) {
     bool over = false;
     for (int64_t c = 0; c < cols; ++c) over = over || n_kept[c] > k_group[c];
     // In place: a block of columns is read whole into scratch before it is written.
-    if (over) SelectColumns(pool, n_threads, drop.typed_data(), Candidates{kept, false}, rows,
-                            cols, k_group, kept);
+    if (over) SelectColumns(pool, n_threads, drop, Candidates{kept, false}, rows, cols, k_group,
+                            kept);
     for (int64_t c = 0; c < cols; ++c) {
       n_kept[c] = std::min(n_kept[c], std::max<int32_t>(k_group[c], 0));
     }
   }
   for (int64_t c = 0; c < cols; ++c) grow_k[c] = k_group[c] - n_kept[c];
   bool* out = new_mask->typed_data();
-  SelectColumns(pool, n_threads, grow.typed_data(), Candidates{kept, true}, rows, cols,
-                grow_k.data(), out);
+  SelectColumns(pool, n_threads, grow, Candidates{kept, true}, rows, cols, grow_k.data(), out);
   ParallelFor(pool, parts, parts, [&](int64_t p) {
     for (int64_t i = n * p / parts; i < n * (p + 1) / parts; ++i) out[i] = out[i] || kept[i];
   });
+  return ffi::Error::Success();
+}
+
+// SRigL's ablation rule (ablation.neurons_to_ablate) on [L, G] weights and gradients: the
+// salient entries are the n_keep largest |w| and the n_drop largest |g| (whole array, ties
+// by flat index); a column (neuron) is ablated when it holds fewer salient entries than
+// min(threshold, the (min_neurons + 1)-th largest column count).
+ffi::Error AblateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weights,
+                      ffi::Buffer<ffi::F32> grads, ffi::Buffer<ffi::S32> counts,
+                      ffi::ResultBuffer<ffi::PRED> ablated, int64_t threshold,
+                      int64_t min_neurons, int64_t threads) {
+  const auto dims = weights.dimensions();
+  if (dims.size() != 2 || grads.element_count() != weights.element_count() ||
+      counts.element_count() != 2 ||
+      static_cast<int64_t>(ablated->element_count()) != (dims.size() == 2 ? dims[1] : -1)) {
+    return ffi::Error::InvalidArgument(
+        "sparsejax_ablate: weights and grads [L, G], counts [n_keep, n_drop], out [G]");
+  }
+  const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
+  if (cols == 0) return ffi::Error::Success();
+  if (min_neurons < 0 || min_neurons >= cols) {
+    return ffi::Error::InvalidArgument("sparsejax_ablate: min_neurons must be in [0, G)");
+  }
+  const int64_t n_threads = ThreadCount(pool, threads);
+  std::vector<int32_t> salient(static_cast<size_t>(cols), 0);
+  if (n > 0) {
+    std::unique_ptr<bool[]> by_weight(new bool[n]), by_grad(new bool[n]);
+    SelectWhole(pool, n_threads, Scores{weights.typed_data(), kMagnitude}, Candidates{}, n,
+                counts.typed_data()[0], by_weight.get());
+    SelectWhole(pool, n_threads, Scores{grads.typed_data(), kMagnitude}, Candidates{}, n,
+                counts.typed_data()[1], by_grad.get());
+    const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
+    ParallelFor(pool, parts, parts, [&](int64_t p) {  // column ranges per thread
+      const int64_t c0 = cols * p / parts, c1 = cols * (p + 1) / parts;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = c0; c < c1; ++c) {
+          salient[c] += (by_weight[r * cols + c] || by_grad[r * cols + c]) ? 1 : 0;
+        }
+      }
+    });
+  }
+  std::vector<int32_t> order(salient);
+  std::nth_element(order.begin(), order.begin() + min_neurons, order.end(),
+                   std::greater<int32_t>());
+  const int64_t limit = std::min<int64_t>(threshold, order[min_neurons]);
+  bool* out = ablated->typed_data();
+  for (int64_t c = 0; c < cols; ++c) out[c] = salient[c] < limit;
+  return ffi::Error::Success();
+}
+
+// The DST step's per-leaf criterion keys (step.leaf_keys) of a raw threefry key, as JAX's
+// partitionable threefry derives them: out[j] = split(fold_in(fold_in(key, count), idx[j]))
+// ([L, 2, 2]: two keys of two words per leaf).
+ffi::Error LeafKeysImpl(ffi::Buffer<ffi::U32> key, ffi::Buffer<ffi::S32> count,
+                        ffi::Buffer<ffi::U32> indices, ffi::ResultBuffer<ffi::U32> out) {
+  const int64_t n = static_cast<int64_t>(indices.element_count());
+  if (key.element_count() != 2 || count.element_count() != 1 ||
+      static_cast<int64_t>(out->element_count()) != 4 * n) {
+    return ffi::Error::InvalidArgument(
+        "sparsejax_leaf_keys: key [2], count [], indices [L], out [L, 2, 2]");
+  }
+  uint32_t s0 = 0, s1 = static_cast<uint32_t>(count.typed_data()[0]);  // fold_in(key, count)
+  Threefry2x32(key.typed_data()[0], key.typed_data()[1], s0, s1);
+  uint32_t* dst = out->typed_data();
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t l0 = 0, l1 = indices.typed_data()[j];  // fold_in(step key, index)
+    Threefry2x32(s0, s1, l0, l1);
+    for (uint32_t half = 0; half < 2; ++half) {  // split: counters (0, 0) and (0, 1)
+      uint32_t o0 = 0, o1 = half;
+      Threefry2x32(l0, l1, o0, o1);
+      dst[4 * j + 2 * half] = o0;
+      dst[4 * j + 2 * half + 1] = o1;
+    }
+  }
   return ffi::Error::Success();
 }
 
@@ -411,23 +593,28 @@ ffi::Error CountImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::PRED> mask,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxSelect, sparsejax_select::SelectImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // scores [L, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // scores [L, G] or [0]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // candidates or [0]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // k [1, 1] or [1, G]
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // hash words [2] or [0]
                                   .Ret<ffi::Buffer<ffi::PRED>>()  // selected [L, G]
                                   .Attr<int64_t>("per_column")
+                                  .Attr<int64_t>("mode")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxDropGrow, sparsejax_select::DropGrowImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // drop scores [L, G]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // grow scores [L, G]
-                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [L, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // drop scores [..] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grow scores [..] or [0]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [..]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // [n_drop, n_grow]
-                                  .Ret<ffi::Buffer<ffi::PRED>>()  // new mask [L, G]
-                                  .Ret<ffi::Buffer<ffi::PRED>>()  // kept [L, G]
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // hash words [4] or [0]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // new mask [..]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // kept [..]
                                   .Attr<int64_t>("grow_default")
+                                  .Attr<int64_t>("drop_mode")
+                                  .Attr<int64_t>("grow_mode")
                                   .Attr<int64_t>("threads"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxCount, sparsejax_select::CountImpl,
@@ -440,23 +627,46 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxCount, sparsejax_select::CountImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxGroupedDropGrow, sparsejax_select::GroupedDropGrowImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // drop scores [L, G]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // grow scores [L, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // drop scores [L, G] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grow scores [L, G] or [0]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // mask [L, G]
                                   .Arg<ffi::Buffer<ffi::PRED>>()  // keepable [L, G] or [0]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // per_group [1, G]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // n_drop [1]
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // hash words [4] or [0]
                                   .Ret<ffi::Buffer<ffi::PRED>>()  // new mask [L, G]
                                   .Ret<ffi::Buffer<ffi::PRED>>()  // kept [L, G]
                                   .Attr<int64_t>("cap")
+                                  .Attr<int64_t>("drop_mode")
+                                  .Attr<int64_t>("grow_mode")
                                   .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxAblate, sparsejax_select::AblateImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // weights [L, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grads [L, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // [n_keep, n_drop]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // ablated [G]
+                                  .Attr<int64_t>("threshold")
+                                  .Attr<int64_t>("min_neurons")
+                                  .Attr<int64_t>("threads"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxLeafKeys, sparsejax_select::LeafKeysImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // key [2]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // count []
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // leaf indices [L]
+                                  .Ret<ffi::Buffer<ffi::U32>>());  // keys [L, 2, 2]
 
 static PyObject* Registrations(PyObject*, PyObject*) {
   return sparsejax_ffi::RegistrationDict(
       {{"sparsejax_select", reinterpret_cast<void*>(&SparsejaxSelect)},
        {"sparsejax_drop_grow", reinterpret_cast<void*>(&SparsejaxDropGrow)},
        {"sparsejax_count", reinterpret_cast<void*>(&SparsejaxCount)},
-       {"sparsejax_grouped_drop_grow", reinterpret_cast<void*>(&SparsejaxGroupedDropGrow)}});
+       {"sparsejax_grouped_drop_grow", reinterpret_cast<void*>(&SparsejaxGroupedDropGrow)},
+       {"sparsejax_ablate", reinterpret_cast<void*>(&SparsejaxAblate)},
+       {"sparsejax_leaf_keys", reinterpret_cast<void*>(&SparsejaxLeafKeys)}});
 }
 
 static PyMethodDef kMethods[] = {
