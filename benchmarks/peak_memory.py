@@ -8,7 +8,7 @@ reports each compiled step's XLA temp buffer (``memory_analysis().temp_size_in_b
 on CPU, a temp buffer above glibc's 32 MiB mmap threshold is mapped afresh and
 page-faulted on every step, which is what DST's update branch must stay clear of.
 
-Run:  python benchmarks/peak_memory.py            (about 3 minutes: 3 repeats)
+Run:  python benchmarks/peak_memory.py            (about 4 minutes: 5 repeats)
       python benchmarks/peak_memory.py --quick    (smoke run)
 """
 
@@ -92,7 +92,7 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="256-wide MLP, 120 steps")
   parser.add_argument("--child", choices=METHODS, help=argparse.SUPPRESS)
   parser.add_argument("--steps", type=int, default=None)
-  parser.add_argument("--repeats", type=int, default=3, help="child runs per method (median)")
+  parser.add_argument("--repeats", type=int, default=5, help="child runs per method (median)")
   args = parser.parse_args()
   width = 256 if args.quick else 1024
   steps = args.steps or (120 if args.quick else 300)

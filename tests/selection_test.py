@@ -265,6 +265,7 @@ def test_initial_masks_are_the_same_eager_and_under_jit():
     "a": {"kernel": jax.random.normal(keys[0], (64, 48)), "bias": jnp.zeros(48)},
     "b": {"kernel": jax.random.normal(keys[1], (3, 3, 8, 16))},
     "c": {"kernel": jax.random.normal(keys[2], (48, 10))},
+    "a2": {"kernel": jax.random.normal(keys[2], (300, 700))},  # several draw chunks, blocks
   }
   from sparsejax._src.transforms import pruning
 
@@ -280,7 +281,7 @@ def test_initial_masks_are_the_same_eager_and_under_jit():
     with mock.patch.object(pruning, "_random_mask_program", no_program):
       eager = jax.tree.leaves(sj.get_masks(tx.init(params)))
     jitted = jax.tree.leaves(sj.get_masks(jax.jit(tx.init)(params)))
-    assert len(eager) == len(jitted) == 3
+    assert len(eager) == len(jitted) >= 2  # ERK may keep a small layer dense
     for m, j in zip(eager, jitted, strict=True):
       assert m.dtype == j.dtype == bool and 0 < int(m.sum()) < m.size
       np.testing.assert_array_equal(np.asarray(m), np.asarray(j))
@@ -307,9 +308,12 @@ def test_native_selection_does_not_depend_on_threads(per_column):
     np.testing.assert_array_equal(got, want, err_msg=f"threads={threads}")
 
 
-@pytest.mark.parametrize("shape,axis", [((12, 9), 0), ((12, 9), 1), ((4, 6, 5), 1), ((5, 7), -1)])
+@pytest.mark.parametrize(
+  "shape,axis", [((12, 9), 0), ((12, 9), 1), ((4, 6, 5), 1), ((5, 7), -1), ((300, 700), 0)]
+)
 def test_topk_mask_host_per_slice_equals_topk_mask(shape, axis):
-  """Per-slice host selection (constant fan-in, N:M initial masks): the XLA program's mask."""
+  """Per-slice host selection (constant fan-in, N:M initial masks): the XLA program's mask
+  (300x700: slices selected in several blocks)."""
   from sparsejax._src.primitives import host_selection, selection
 
   rng = np.random.default_rng(5)
@@ -323,7 +327,7 @@ def test_topk_mask_host_per_slice_equals_topk_mask(shape, axis):
     np.testing.assert_array_equal(got, want, err_msg=f"k={k}")
 
 
-@pytest.mark.parametrize("shape", [(1,), (5,), (7, 11), (3, 3, 2, 8), (784, 64)])
+@pytest.mark.parametrize("shape", [(1,), (5,), (7, 11), (3, 3, 2, 8), (784, 64), (300, 700)])
 def test_host_uniform_is_jax_uniform_bit_for_bit(shape):
   from sparsejax._src.primitives import host_random
 
@@ -333,6 +337,9 @@ def test_host_uniform_is_jax_uniform_bit_for_bit(shape):
     got = host_random.uniform(key, shape)
     assert got.dtype == np.float32 and got.shape == shape
     np.testing.assert_array_equal(got, np.asarray(jax.random.uniform(key, shape)))
+    ints = host_random.uniform_keys(key, shape)  # the floats' 23-bit integers
+    assert ints.dtype == np.uint32 and int(ints.max()) < 2**23
+    np.testing.assert_array_equal(ints.astype(np.float32) / np.float32(2**23), got)
     for data in (0, 7, 2**32 - 1):  # the initial masks' per-leaf keys
       folded = host_random.fold_in(key, data)
       assert folded.dtype == np.uint32 and host_random.supported(folded)

@@ -98,17 +98,38 @@ def uniform(key, shape: Sequence[int]) -> np.ndarray:
   Raises:
     ValueError: for an unsupported key or a shape of ``2**32`` entries or more.
   """
+  out = uniform_keys(key, shape)
+  out |= np.uint32(0x3F800000)  # 23 mantissa bits with exponent 0: [1, 2), minus 1
+  out = out.view(np.float32)
+  out -= np.float32(1.0)
+  return out
+
+
+def uniform_keys(key, shape: Sequence[int]) -> np.ndarray:
+  """The 23-bit integers ``m`` behind :func:`uniform` (its value is ``m / 2**23``).
+
+  The scores' order with their ties, without the floats: a top-k of these keys selects
+  what a top-k of the uniform scores does. Drawn in chunks, so the threefry's working
+  words stay small next to the output.
+
+  Args / Raises: as :func:`uniform`.
+
+  Returns:
+    uint32 ``[*shape]`` below ``2**23``.
+  """
   _check_key(key)
   size = int(np.prod(shape, dtype=np.int64))
   if size >= 2**32:
     raise ValueError(f"`shape` {tuple(shape)} has {size} entries; at most 2**32 - 1.")
   words = np.asarray(key)
-  hi = np.zeros(size, np.uint32)  # the counter: the flat index as (hi, lo) words
-  lo = np.arange(size, dtype=np.uint32)
-  threefry2x32(words, hi, lo)
-  hi ^= lo  # 32-bit draws: the two output words xored
-  hi >>= np.uint32(9)  # 23 mantissa bits with exponent 0: [1, 2), minus 1
-  hi |= np.uint32(0x3F800000)
-  out = hi.view(np.float32)
-  out -= np.float32(1.0)
+  out = np.empty(size, np.uint32)
+  for start in range(0, size, _CHUNK):
+    lo = np.arange(start, min(start + _CHUNK, size), dtype=np.uint32)  # the flat index
+    hi = np.zeros_like(lo)  # the counter's high word
+    threefry2x32(words, hi, lo)
+    hi ^= lo  # 32-bit draws: the two output words xored
+    np.right_shift(hi, np.uint32(9), out=out[start : start + lo.size])
   return out.reshape(tuple(shape))
+
+
+_CHUNK = 1 << 16  # entries per threefry pass

@@ -316,26 +316,28 @@ def _host_random_mask(structure, key, shape, sparsity) -> np.ndarray | None:
 
   The built-in unstructured, constant fan-in and N:M structures (exactly these classes:
   a subclass may change the selection) with a concrete threefry key (``tx.init`` outside
-  ``jit``): the same uniform scores (``host_random.uniform``) and the same top-k
-  (``host_selection.topk_mask_host``), so the same mask bit for bit. Through XLA each layer
-  shape and sparsity compiles a threefry and a selection program, which costs more time
-  and compiler memory (tens of MB per program) than the draw and the selection.
+  ``jit``): the same uniform scores (as their order keys, ``host_random.uniform_keys``)
+  and the same top-k (``host_selection.topk_keys_host``), so the same mask bit for bit.
+  Through XLA each layer shape and sparsity compiles a threefry and a selection program,
+  which costs more time and compiler memory (tens of MB per program) than the draw and
+  the selection.
   """
   kind = type(structure)
   if kind not in (structures.Unstructured, structures.ConstantFanIn, structures.NM):
     return None
   if not host_random.supported(key) or base.shape_size(shape) >= 2**32:
     return None
+  # The uniform scores' 23-bit integers: the same order and ties as the floats.
   if kind is structures.Unstructured:
-    scores = host_random.uniform(key, shape)
-    return host_selection.topk_mask_host(scores, structure.target_nnz(shape, sparsity))
+    keys = host_random.uniform_keys(key, shape)
+    return host_selection.topk_keys_host(keys, structure.target_nnz(shape, sparsity))
   if kind is structures.ConstantFanIn:
-    scores = host_random.uniform(key, base.fan_in_shape(shape))
+    keys = host_random.uniform_keys(key, base.fan_in_shape(shape))
     k = structure.fan_in(shape, sparsity)
-    return host_selection.topk_mask_host(scores, k, axis=0).reshape(shape)
+    return host_selection.topk_keys_host(keys, k, axis=0).reshape(shape)
   grouped = structure.grouped_shape(shape)  # N:M: n of every group of m
-  scores = host_random.uniform(key, grouped)
-  return host_selection.topk_mask_host(scores, structure.n, axis=1).reshape(shape)
+  keys = host_random.uniform_keys(key, grouped)
+  return host_selection.topk_keys_host(keys, structure.n, axis=1).reshape(shape)
 
 
 def _random_mask(structure, key, shape, sparsity):
