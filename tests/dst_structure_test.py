@@ -180,8 +180,7 @@ def test_eager_update_calls_reuse_one_compiled_program():
 )
 def test_one_device_cpu_update_selects_with_the_native_kernel(method, fused_target, monkeypatch):
   """On a one-device CPU process every selection of the update is a native call (one fused
-  drop-and-grow per leaf; SRigL's ablation rule is one more call on its ablating layer;
-  SET's leaf keys one call): the compiled step holds none of the XLA selection program
+  drop-and-grow per leaf, SRigL's ablating layer included; SET's leaf keys one call): the compiled step holds none of the XLA selection program
   (its radix loops and their kernels), which keeps its compile time and memory small."""
   from sparsejax._src.primitives import native_select, selection
 
@@ -200,10 +199,11 @@ def test_one_device_cpu_update_selects_with_the_native_kernel(method, fused_targ
 
   native, xla = compiled_text(True), compiled_text(False)
   fused = native.count(f'custom_call_target="{fused_target}"')
-  assert fused == 2, fused  # one for each of the two sparse leaves
+  ablating = native.count('custom_call_target="sparsejax_ablated_drop_grow"')
+  assert ablating == (1 if method == "srigl" else 0), ablating  # SRigL's ablating layer
+  assert fused + ablating == 2, fused  # one for each of the two sparse leaves
   assert native.count('custom_call_target="sparsejax_select"') == 0
-  ablate = native.count('custom_call_target="sparsejax_ablate"')
-  assert ablate == (1 if method == "srigl" else 0), ablate  # SRigL: the ablating layer's rule
+  assert native.count('custom_call_target="sparsejax_ablate"') == 0
   keys = native.count('custom_call_target="sparsejax_leaf_keys"')
   assert keys == (1 if method == "set_" else 0), keys  # only SET's criteria read a key
   assert 'custom_call_target="sparsejax_' not in xla

@@ -199,6 +199,37 @@ def test_native_ablation_rule_equals_the_xla_program(shape, native, monkeypatch)
       np.testing.assert_array_equal(got, want, err_msg=f"{n_keep} {n_drop} {gamma}")
 
 
+@pytest.mark.parametrize("shape", [(12, 8), (300, 257)])
+def test_native_ablating_update_equals_the_xla_program(shape, native, monkeypatch):
+  """SRigL's update of an ablating layer as one native call: the XLA composition's (new,
+  kept) for every rule setting, drop counts at the edges and every score form."""
+  rng = np.random.default_rng(shape[1])
+  mask = jnp.asarray(rng.random(shape) < 0.2)
+  w, g = _awkward(rng, shape) * mask, _awkward(rng, shape)
+  nnz = int(mask.sum())
+  key = jax.random.PRNGKey(shape[0])
+  forms = [
+    (score_form.magnitude(w), score_form.magnitude(g)),
+    (score_form.values(w), score_form.keyed_hash(key, shape)),
+  ]
+  cases = [(nnz // 3, 0.9, 0.3, "sparse"), (0, 0.8, 1.0, "dense"), (nnz, 0.95, 0.9, "sparse")]
+  for drop, grow in forms:
+    for n_drop, sparsity, gamma, relative_to in cases:
+
+      def update(d=drop, gr=grow, n=n_drop, s=sparsity, gm=gamma, rel=relative_to):
+        return jax.jit(
+          lambda: ablation.ablated_drop_and_grow(mask, d, gr, jnp.int32(n), w, g, s, gm, rel)
+        )
+
+      got = update()()
+      assert "sparsejax_ablated_drop_grow" in update().lower().as_text()
+      monkeypatch.setattr(selection, "_NATIVE", False)
+      want = update()()
+      monkeypatch.setattr(selection, "_NATIVE", True)
+      for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=f"{n_drop} {gamma} {relative_to}")
+
+
 def test_native_leaf_keys_are_jax_threefry(native):
   key = jax.random.PRNGKey(11)
   indices = [0, 3, 7, 2**31 + 1]

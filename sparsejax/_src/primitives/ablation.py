@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from sparsejax._src import base
-from sparsejax._src.primitives import native_select, selection
+from sparsejax._src.primitives import drop_grow, native_select, score_form, selection
 
 
 def neurons_to_ablate(
@@ -48,13 +48,7 @@ def neurons_to_ablate(
   Returns:
     bool ``[n_out]``: True for neurons to ablate.
   """
-  fan_in, n_out = weights.shape
-  budget = base.floor_count(fan_in * n_out, 1.0 - sparsity)
-  min_neurons = min(budget // fan_in, n_out - 1)
-  if relative_to not in ("sparse", "dense"):
-    raise ValueError(f"`relative_to` must be 'sparse' or 'dense', got {relative_to!r}.")
-  reference = budget // n_out if relative_to == "sparse" else fan_in
-  threshold = max(1, int(gamma_sal * reference))
+  _, min_neurons, threshold = _rule_constants(weights.shape, sparsity, gamma_sal, relative_to)
   counts = jnp.stack([jnp.asarray(n_keep, jnp.int32), jnp.asarray(n_drop, jnp.int32)])
 
   def xla():
@@ -69,6 +63,70 @@ def neurons_to_ablate(
   # |w| and |g| in place (no float copies, no bool temporaries).
   return selection.native_or_xla(
     lambda: native_select.ablate(weights, grads, counts, threshold, min_neurons), xla
+  )
+
+
+def _rule_constants(shape, sparsity, gamma_sal, relative_to) -> tuple[int, int, int]:
+  """``(budget, min_neurons, threshold)`` of the ablation rule for a ``[fan_in, n_out]``
+  layer (see :func:`neurons_to_ablate`)."""
+  fan_in, n_out = shape
+  budget = base.floor_count(fan_in * n_out, 1.0 - sparsity)
+  if relative_to not in ("sparse", "dense"):
+    raise ValueError(f"`relative_to` must be 'sparse' or 'dense', got {relative_to!r}.")
+  reference = budget // n_out if relative_to == "sparse" else fan_in
+  return budget, min(budget // fan_in, n_out - 1), max(1, int(gamma_sal * reference))
+
+
+def ablated_drop_and_grow(
+  mask: jax.Array,
+  drop_scores: score_form.Scores,
+  grow_scores: score_form.Scores,
+  n_drop: jax.Array,
+  weights: jax.Array,
+  grads: jax.Array,
+  sparsity: float,
+  gamma_sal: float,
+  relative_to: str = "sparse",
+) -> tuple[jax.Array, jax.Array]:
+  """SRigL's mask update of a layer that ablates neurons, in ``[fan_in, n_out]`` layout.
+
+  The ablation rule (:func:`neurons_to_ablate`, with ``n_keep = nnz(mask) - n_drop``)
+  picks the neurons to ablate; every other neuron's fan-in becomes ``budget // n_active``
+  (``budget = floor(size · (1 - S))``) and an ablated neuron's 0; the grouped
+  drop-and-grow (``drop_grow.grouped_drop_and_grow`` with the cap) keeps only weights of
+  active neurons in its layer-wise drop. Reference: SRigL (Lasby et al. 2024), the
+  official ``RigLConstFanScheduler``. On a one-device CPU process it is one native call
+  (no per-neuron XLA glue around the ablation rule).
+
+  Args:
+    mask: bool ``[fan_in, n_out]``.
+    drop_scores, grow_scores: ``[fan_in, n_out]`` scores (arrays or score forms).
+    n_drop: int32 scalar, the weights dropped before regrowth.
+    weights, grads: ``[fan_in, n_out]``, the ablation rule's inputs.
+    sparsity, gamma_sal, relative_to: as in :func:`neurons_to_ablate`.
+
+  Returns:
+    ``(new_mask, kept)`` as in ``drop_grow.grouped_drop_and_grow``.
+  """
+  budget, min_neurons, threshold = _rule_constants(mask.shape, sparsity, gamma_sal, relative_to)
+
+  def xla():
+    nnz = selection.count_true(mask)
+    ablated = neurons_to_ablate(
+      weights, grads, nnz - n_drop, n_drop, sparsity, gamma_sal, relative_to
+    )
+    n_active = mask.shape[1] - jnp.sum(ablated, dtype=jnp.int32)
+    per_neuron = jnp.where(ablated, 0, jnp.int32(budget) // n_active)[None, :]
+    eligible = ~ablated[None, :]  # an ablated neuron's weights are dropped first
+    return drop_grow.grouped_drop_and_grow(
+      mask, drop_scores, grow_scores, n_drop, per_neuron, axis=0, cap=True, eligible=eligible
+    )
+
+  return selection.native_or_xla(
+    lambda: native_select.ablated_drop_and_grow(
+      mask, drop_scores, grow_scores, n_drop, weights, grads, threshold, min_neurons, budget
+    ),
+    xla,
   )
 
 

@@ -30,6 +30,7 @@ COUNT_TARGET = "sparsejax_count"
 GROUPED_TARGET = "sparsejax_grouped_drop_grow"
 ABLATE_TARGET = "sparsejax_ablate"
 LEAF_KEYS_TARGET = "sparsejax_leaf_keys"
+ABLATED_TARGET = "sparsejax_ablated_drop_grow"
 
 _EXT = native_ext.NativeExtension("sparsejax._src.primitives._select_native", "native selection")
 
@@ -252,3 +253,55 @@ def leaf_keys(key: jax.Array, count: jax.Array, indices: jax.Array) -> jax.Array
   out = jax.ShapeDtypeStruct((indices.shape[0], 2, 2), jnp.uint32)
   call = jax.ffi.ffi_call(LEAF_KEYS_TARGET, out, vmap_method="sequential")
   return call(key.astype(jnp.uint32), jnp.asarray(count, jnp.int32), indices.astype(jnp.uint32))
+
+
+def ablated_drop_and_grow(
+  mask: jax.Array,
+  drop_scores: score_form.Scores,
+  grow_scores: score_form.Scores,
+  n_drop: jax.Array,
+  weights: jax.Array,
+  grads: jax.Array,
+  threshold: int,
+  min_neurons: int,
+  budget: int,
+  *,
+  threads: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """``ablation.ablated_drop_and_grow`` as one FFI call (CPU only: callers wrap it in
+  ``lax.platform_dependent``): the ablation rule, the per-neuron targets and the grouped
+  update with the cap.
+
+  Args:
+    mask: bool ``[fan_in, n_out]``.
+    drop_scores, grow_scores: ``[fan_in, n_out]`` scores or their score forms.
+    n_drop: int32 scalar.
+    weights, grads: ``[fan_in, n_out]`` (cast to float32; their magnitudes are read).
+    threshold, min_neurons: the ablation rule's constants (see :func:`ablate`).
+    budget: the layer's nnz budget, shared by its active neurons.
+    threads: as in :func:`select_2d`.
+
+  Returns:
+    ``(new_mask, kept)``, bool ``[fan_in, n_out]``.
+  """
+  _EXT.require()
+  (drop, grow), words, (drop_mode, grow_mode) = score_form.native_operands(
+    score_form.as_form(drop_scores), score_form.as_form(grow_scores)
+  )
+  out = jax.ShapeDtypeStruct(mask.shape, jnp.bool_)
+  call = jax.ffi.ffi_call(ABLATED_TARGET, (out, out), vmap_method="sequential")
+  return call(
+    drop,
+    grow,
+    mask.astype(jnp.bool_),
+    weights.astype(jnp.float32),
+    grads.astype(jnp.float32),
+    jnp.reshape(jnp.asarray(n_drop, jnp.int32), (1,)),
+    words,
+    drop_mode=np.int64(drop_mode),
+    grow_mode=np.int64(grow_mode),
+    threshold=np.int64(threshold),
+    min_neurons=np.int64(min_neurons),
+    budget=np.int64(budget),
+    threads=np.int64(threads),
+  )

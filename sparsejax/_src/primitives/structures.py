@@ -216,37 +216,28 @@ class ConstantFanIn:
     flat = base.fan_in_shape(shape)
     mask = ctx.mask.reshape(flat)
     drop_scores = score_form.reshape(drop_scores, flat)
+    grow_scores = score_form.reshape(grow_scores, flat)
     if self.ablates(ctx.path, ctx.layer):
-      nnz = selection.count_true(mask)
-      ablated = ablation.neurons_to_ablate(
+      new, _ = ablation.ablated_drop_and_grow(
+        mask,
+        drop_scores,
+        grow_scores,
+        n_drop,
         ctx.param.reshape(flat),
         ctx.grad.reshape(flat),
-        nnz - n_drop,
-        n_drop,
         ctx.sparsity,
         self.gamma_sal,
         self.ablation_fan_in,
       )
-      budget = base.floor_count(flat[0] * flat[1], 1.0 - ctx.sparsity)
-      n_active = flat[1] - jnp.sum(ablated, dtype=jnp.int32)
-      per_neuron = jnp.where(ablated, 0, jnp.int32(budget) // n_active)[None, :]
-      eligible = ~ablated[None, :]  # an ablated neuron's weights are dropped first
-      cap = True  # k may shrink when a neuron revives: cut over-full neurons.
-    elif ctx.target_nnz is not None:  # a sparsity schedule: k shrinks, cut over-full neurons
+      return new.reshape(shape)
+    if ctx.target_nnz is not None:  # a sparsity schedule: k shrinks, cut over-full neurons
       per_neuron, eligible = jnp.asarray(ctx.target_nnz, jnp.int32) // flat[1], None
       cap = True
     else:
       per_neuron, eligible = self.fan_in(shape, ctx.sparsity), None
       cap = False  # every neuron holds exactly k before the update: none can be over-full
     new, _ = drop_grow.grouped_drop_and_grow(
-      mask,
-      drop_scores,
-      score_form.reshape(grow_scores, flat),
-      n_drop,
-      per_neuron,
-      axis=0,
-      cap=cap,
-      eligible=eligible,
+      mask, drop_scores, grow_scores, n_drop, per_neuron, axis=0, cap=cap, eligible=eligible
     )
     return new.reshape(shape)
 

@@ -16,6 +16,9 @@
 //                    `drop_grow.grouped_drop_and_grow` along axis 0 (SRigL's update)
 //   sparsejax_ablate(weights, grads f32 [L, G], counts s32 [2]) -> pred [G]:
 //                    `ablation.neurons_to_ablate` (SRigL's neuron ablation)
+//   sparsejax_ablated_drop_grow(drop, grow f32 [L, G], mask pred [L, G], weights, grads
+//                    f32 [L, G], n_drop s32 [1], words u32 [4]) -> (new, kept):
+//                    `ablation.ablated_drop_and_grow` (SRigL's update of an ablating layer)
 //   sparsejax_leaf_keys(key u32 [2], count s32 [], indices u32 [L]) -> u32 [L, 2, 2]:
 //                    `step.leaf_keys`' threefry derivation of every leaf's keys
 //
@@ -429,6 +432,68 @@ ffi::Error DropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_values,
   return ffi::Error::Success();
 }
 
+// The grouped update of a [rows, cols] mask m with nnz true entries (see
+// GroupedDropGrowImpl): kept = the nnz - n_drop highest drop scores among keep_from; with
+// `cap`, over-full columns cut to k_group[c]; each column grows back to k_group[c].
+void GroupedUpdate(ffi::ThreadPool& pool, int64_t n_threads, const Scores& drop,
+                   const Scores& grow, const bool* m, const bool* keep_from,
+                   const int32_t* k_group, int64_t nnz, int64_t n_drop_in, bool cap,
+                   int64_t rows, int64_t cols, bool* kept, bool* out) {
+  const int64_t n = rows * cols;
+  const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
+  const int64_t n_drop = std::clamp<int64_t>(n_drop_in, 0, nnz);
+  SelectWhole(pool, n_threads, drop, Candidates{keep_from, false}, n, nnz - n_drop, kept);
+  std::vector<int32_t> n_kept(static_cast<size_t>(cols)), grow_k(static_cast<size_t>(cols));
+  CountColumns(pool, n_threads, kept, rows, cols, n_kept.data());
+  if (cap) {
+    bool over = false;
+    for (int64_t c = 0; c < cols; ++c) over = over || n_kept[c] > k_group[c];
+    // In place: a block of columns is read whole into scratch before it is written.
+    if (over) SelectColumns(pool, n_threads, drop, Candidates{kept, false}, rows, cols, k_group,
+                            kept);
+    for (int64_t c = 0; c < cols; ++c) {
+      n_kept[c] = std::min(n_kept[c], std::max<int32_t>(k_group[c], 0));
+    }
+  }
+  for (int64_t c = 0; c < cols; ++c) grow_k[c] = k_group[c] - n_kept[c];
+  SelectColumns(pool, n_threads, grow, Candidates{kept, true}, rows, cols, grow_k.data(), out);
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    for (int64_t i = n * p / parts; i < n * (p + 1) / parts; ++i) out[i] = out[i] || kept[i];
+  });
+}
+
+// SRigL's ablation rule (ablation.neurons_to_ablate) on [rows, cols] weights w and
+// gradients g: the salient entries are the n_keep largest |w| and the n_drop largest |g|
+// (whole array, ties by flat index); a column (neuron) is ablated when it holds fewer
+// salient entries than min(threshold, the (min_neurons + 1)-th largest column count).
+// Requires 0 <= min_neurons < cols.
+void Ablated(ffi::ThreadPool& pool, int64_t n_threads, const float* w, const float* g,
+             int64_t rows, int64_t cols, int64_t n_keep, int64_t n_drop, int64_t threshold,
+             int64_t min_neurons, bool* out) {
+  const int64_t n = rows * cols;
+  std::vector<int32_t> salient(static_cast<size_t>(cols), 0);
+  if (n > 0) {
+    std::unique_ptr<bool[]> by_weight(new bool[n]), by_grad(new bool[n]);
+    SelectWhole(pool, n_threads, Scores{w, kMagnitude}, Candidates{}, n, n_keep,
+                by_weight.get());
+    SelectWhole(pool, n_threads, Scores{g, kMagnitude}, Candidates{}, n, n_drop, by_grad.get());
+    const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
+    ParallelFor(pool, parts, parts, [&](int64_t p) {  // column ranges per thread
+      const int64_t c0 = cols * p / parts, c1 = cols * (p + 1) / parts;
+      for (int64_t r = 0; r < rows; ++r) {
+        for (int64_t c = c0; c < c1; ++c) {
+          salient[c] += (by_weight[r * cols + c] || by_grad[r * cols + c]) ? 1 : 0;
+        }
+      }
+    });
+  }
+  std::vector<int32_t> order(salient);
+  std::nth_element(order.begin(), order.begin() + min_neurons, order.end(),
+                   std::greater<int32_t>());
+  const int64_t limit = std::min<int64_t>(threshold, order[min_neurons]);
+  for (int64_t c = 0; c < cols; ++c) out[c] = salient[c] < limit;
+}
+
 // One drop-and-grow with an exact count per column (drop_grow.grouped_drop_and_grow,
 // axis 0): kept = the nnz - n_drop highest drop scores among `keepable` (the mask, or the
 // mask's eligible entries); with `cap`, columns holding more than per_group[c] kept
@@ -465,31 +530,11 @@ ffi::Error GroupedDropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_
   if (n == 0) return ffi::Error::Success();
   const int64_t n_threads = ThreadCount(pool, threads);
   const bool* m = mask.typed_data();
-  const int32_t* k_group = per_group.typed_data();
   const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
-  const int64_t nnz = CountTrue(pool, parts, m, n);
-  const int64_t n_drop = std::clamp<int64_t>(n_drop_in.typed_data()[0], 0, nnz);
-  bool* kept = kept_out->typed_data();
-  const bool* keep_from = keepable.element_count() != 0 ? keepable.typed_data() : m;
-  SelectWhole(pool, n_threads, drop, Candidates{keep_from, false}, n, nnz - n_drop, kept);
-  std::vector<int32_t> n_kept(static_cast<size_t>(cols)), grow_k(static_cast<size_t>(cols));
-  CountColumns(pool, n_threads, kept, rows, cols, n_kept.data());
-  if (cap) {
-    bool over = false;
-    for (int64_t c = 0; c < cols; ++c) over = over || n_kept[c] > k_group[c];
-    // In place: a block of columns is read whole into scratch before it is written.
-    if (over) SelectColumns(pool, n_threads, drop, Candidates{kept, false}, rows, cols, k_group,
-                            kept);
-    for (int64_t c = 0; c < cols; ++c) {
-      n_kept[c] = std::min(n_kept[c], std::max<int32_t>(k_group[c], 0));
-    }
-  }
-  for (int64_t c = 0; c < cols; ++c) grow_k[c] = k_group[c] - n_kept[c];
-  bool* out = new_mask->typed_data();
-  SelectColumns(pool, n_threads, grow, Candidates{kept, true}, rows, cols, grow_k.data(), out);
-  ParallelFor(pool, parts, parts, [&](int64_t p) {
-    for (int64_t i = n * p / parts; i < n * (p + 1) / parts; ++i) out[i] = out[i] || kept[i];
-  });
+  GroupedUpdate(pool, n_threads, drop, grow, m,
+                keepable.element_count() != 0 ? keepable.typed_data() : m,
+                per_group.typed_data(), CountTrue(pool, parts, m, n), n_drop_in.typed_data()[0],
+                cap != 0, rows, cols, kept_out->typed_data(), new_mask->typed_data());
   return ffi::Error::Success();
 }
 
@@ -508,35 +553,77 @@ ffi::Error AblateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weights,
     return ffi::Error::InvalidArgument(
         "sparsejax_ablate: weights and grads [L, G], counts [n_keep, n_drop], out [G]");
   }
-  const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
+  const int64_t rows = dims[0], cols = dims[1];
   if (cols == 0) return ffi::Error::Success();
   if (min_neurons < 0 || min_neurons >= cols) {
     return ffi::Error::InvalidArgument("sparsejax_ablate: min_neurons must be in [0, G)");
   }
-  const int64_t n_threads = ThreadCount(pool, threads);
-  std::vector<int32_t> salient(static_cast<size_t>(cols), 0);
-  if (n > 0) {
-    std::unique_ptr<bool[]> by_weight(new bool[n]), by_grad(new bool[n]);
-    SelectWhole(pool, n_threads, Scores{weights.typed_data(), kMagnitude}, Candidates{}, n,
-                counts.typed_data()[0], by_weight.get());
-    SelectWhole(pool, n_threads, Scores{grads.typed_data(), kMagnitude}, Candidates{}, n,
-                counts.typed_data()[1], by_grad.get());
-    const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
-    ParallelFor(pool, parts, parts, [&](int64_t p) {  // column ranges per thread
-      const int64_t c0 = cols * p / parts, c1 = cols * (p + 1) / parts;
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int64_t c = c0; c < c1; ++c) {
-          salient[c] += (by_weight[r * cols + c] || by_grad[r * cols + c]) ? 1 : 0;
-        }
-      }
-    });
+  Ablated(pool, ThreadCount(pool, threads), weights.typed_data(), grads.typed_data(), rows,
+          cols, counts.typed_data()[0], counts.typed_data()[1], threshold, min_neurons,
+          ablated->typed_data());
+  return ffi::Error::Success();
+}
+
+// SRigL's whole update of an ablating layer (ablation.ablated_drop_and_grow) on [L, G]:
+// nnz = count(mask); the ablation rule with n_keep = nnz - n_drop; every active neuron's
+// target is budget // (active neurons), an ablated neuron's 0; the grouped update with the
+// cap, whose layer-wise drop keeps only entries of active neurons.
+ffi::Error AblatedDropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_values,
+                               ffi::Buffer<ffi::F32> grow_values, ffi::Buffer<ffi::PRED> mask,
+                               ffi::Buffer<ffi::F32> weights, ffi::Buffer<ffi::F32> grads,
+                               ffi::Buffer<ffi::S32> n_drop_in, ffi::Buffer<ffi::U32> words,
+                               ffi::ResultBuffer<ffi::PRED> new_mask,
+                               ffi::ResultBuffer<ffi::PRED> kept_out, int64_t drop_mode,
+                               int64_t grow_mode, int64_t threshold, int64_t min_neurons,
+                               int64_t budget, int64_t threads) {
+  const auto dims = mask.dimensions();
+  if (dims.size() != 2) {
+    return ffi::Error::InvalidArgument("sparsejax_ablated_drop_grow: mask must be [L, G]");
   }
-  std::vector<int32_t> order(salient);
-  std::nth_element(order.begin(), order.begin() + min_neurons, order.end(),
-                   std::greater<int32_t>());
-  const int64_t limit = std::min<int64_t>(threshold, order[min_neurons]);
-  bool* out = ablated->typed_data();
-  for (int64_t c = 0; c < cols; ++c) out[c] = salient[c] < limit;
+  const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
+  Scores drop, grow;
+  if (auto e = MakeScores("sparsejax_ablated_drop_grow drop", drop_values, drop_mode, words, 0,
+                          n, drop);
+      e.failure()) {
+    return e;
+  }
+  if (auto e = MakeScores("sparsejax_ablated_drop_grow grow", grow_values, grow_mode, words, 1,
+                          n, grow);
+      e.failure()) {
+    return e;
+  }
+  if (static_cast<int64_t>(weights.element_count()) != n ||
+      static_cast<int64_t>(grads.element_count()) != n || n_drop_in.element_count() != 1) {
+    return ffi::Error::InvalidArgument(
+        "sparsejax_ablated_drop_grow: weights and grads [L, G], n_drop [1]");
+  }
+  if (n == 0) return ffi::Error::Success();
+  if (min_neurons < 0 || min_neurons >= cols) {
+    return ffi::Error::InvalidArgument(
+        "sparsejax_ablated_drop_grow: min_neurons must be in [0, G)");
+  }
+  const int64_t n_threads = ThreadCount(pool, threads);
+  const bool* m = mask.typed_data();
+  const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
+  const int64_t nnz = CountTrue(pool, parts, m, n);
+  const int64_t n_drop = n_drop_in.typed_data()[0];
+  std::unique_ptr<bool[]> ablated(new bool[cols]);
+  Ablated(pool, n_threads, weights.typed_data(), grads.typed_data(), rows, cols, nnz - n_drop,
+          n_drop, threshold, min_neurons, ablated.get());
+  int64_t n_active = 0;
+  for (int64_t c = 0; c < cols; ++c) n_active += ablated[c] ? 0 : 1;
+  std::vector<int32_t> per_neuron(static_cast<size_t>(cols));
+  for (int64_t c = 0; c < cols; ++c) {
+    per_neuron[c] = ablated[c] ? 0 : static_cast<int32_t>(budget / std::max<int64_t>(n_active, 1));
+  }
+  std::unique_ptr<bool[]> keepable(new bool[n]);  // the mask's entries in active neurons
+  ParallelFor(pool, parts, parts, [&](int64_t p) {
+    for (int64_t i = n * p / parts; i < n * (p + 1) / parts; ++i) {
+      keepable[i] = m[i] && !ablated[i % cols];
+    }
+  });
+  GroupedUpdate(pool, n_threads, drop, grow, m, keepable.get(), per_neuron.data(), nnz, n_drop,
+                true, rows, cols, kept_out->typed_data(), new_mask->typed_data());
   return ffi::Error::Success();
 }
 
@@ -652,6 +739,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxAblate, sparsejax_select::AblateImpl,
                                   .Attr<int64_t>("min_neurons")
                                   .Attr<int64_t>("threads"));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxAblatedDropGrow, sparsejax_select::AblatedDropGrowImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // drop scores [L, G] or [0]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grow scores [L, G] or [0]
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // mask [L, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // weights [L, G]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // grads [L, G]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // n_drop [1]
+                                  .Arg<ffi::Buffer<ffi::U32>>()   // hash words [4]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // new mask [L, G]
+                                  .Ret<ffi::Buffer<ffi::PRED>>()  // kept [L, G]
+                                  .Attr<int64_t>("drop_mode")
+                                  .Attr<int64_t>("grow_mode")
+                                  .Attr<int64_t>("threshold")
+                                  .Attr<int64_t>("min_neurons")
+                                  .Attr<int64_t>("budget")
+                                  .Attr<int64_t>("threads"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparsejaxLeafKeys, sparsejax_select::LeafKeysImpl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::U32>>()   // key [2]
@@ -666,6 +772,7 @@ static PyObject* Registrations(PyObject*, PyObject*) {
        {"sparsejax_count", reinterpret_cast<void*>(&SparsejaxCount)},
        {"sparsejax_grouped_drop_grow", reinterpret_cast<void*>(&SparsejaxGroupedDropGrow)},
        {"sparsejax_ablate", reinterpret_cast<void*>(&SparsejaxAblate)},
+       {"sparsejax_ablated_drop_grow", reinterpret_cast<void*>(&SparsejaxAblatedDropGrow)},
        {"sparsejax_leaf_keys", reinterpret_cast<void*>(&SparsejaxLeafKeys)}});
 }
 
