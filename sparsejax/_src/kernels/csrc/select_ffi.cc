@@ -50,7 +50,6 @@
 
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
@@ -132,18 +131,26 @@ struct Scores {
   int64_t mode = kValues;
   uint32_t word0 = 0, word1 = 0;
 
-  inline float At(int64_t i) const {
+  // The order key of entry i (see Key). Magnitudes and hashes are non-negative, so their
+  // keys are their float bits with the sign bit set; a hash's 24-bit value m stands for the
+  // float m / 2^24, whose key order (and ties) is m's order: m with the sign bit set keeps
+  // both without the float.
+  inline uint32_t KeyOf(int64_t i) const {
     if (mode == kHash) {
       const uint32_t x = Fmix32(Fmix32(static_cast<uint32_t>(i) * 0x9E3779B9u ^ word0) ^ word1);
-      return static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
+      return (x >> 8) | kSign;
     }
-    const float v = values[i];
-    return mode == kMagnitude ? std::fabs(v) : v;
+    if (mode == kMagnitude) {
+      uint32_t bits;
+      std::memcpy(&bits, values + i, sizeof(bits));
+      return bits | kSign;  // |v|: the sign bit cleared, then set as every positive key's
+    }
+    return Key(values[i]);
   }
 };
 
 inline uint32_t KeyAt(const Scores& scores, Candidates cands, int64_t i) {
-  return (cands.p != nullptr && cands.p[i] == cands.invert) ? 0u : Key(scores.At(i));
+  return (cands.p != nullptr && cands.p[i] == cands.invert) ? 0u : scores.KeyOf(i);
 }
 
 // The largest digit d with count(digit >= d) >= need, scanning bins from the top; returns
@@ -435,6 +442,7 @@ ffi::Error DropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_values,
 // The grouped update of a [rows, cols] mask m with nnz true entries (see
 // GroupedDropGrowImpl): kept = the nnz - n_drop highest drop scores among keep_from; with
 // `cap`, over-full columns cut to k_group[c]; each column grows back to k_group[c].
+// keep_from may alias out: only the drop selection reads it, before out is written.
 void GroupedUpdate(ffi::ThreadPool& pool, int64_t n_threads, const Scores& drop,
                    const Scores& grow, const bool* m, const bool* keep_from,
                    const int32_t* k_group, int64_t nnz, int64_t n_drop_in, bool cap,
@@ -466,17 +474,15 @@ void GroupedUpdate(ffi::ThreadPool& pool, int64_t n_threads, const Scores& drop,
 // gradients g: the salient entries are the n_keep largest |w| and the n_drop largest |g|
 // (whole array, ties by flat index); a column (neuron) is ablated when it holds fewer
 // salient entries than min(threshold, the (min_neurons + 1)-th largest column count).
-// Requires 0 <= min_neurons < cols.
+// Requires 0 <= min_neurons < cols; by_weight and by_grad are [rows, cols] scratch.
 void Ablated(ffi::ThreadPool& pool, int64_t n_threads, const float* w, const float* g,
              int64_t rows, int64_t cols, int64_t n_keep, int64_t n_drop, int64_t threshold,
-             int64_t min_neurons, bool* out) {
+             int64_t min_neurons, bool* by_weight, bool* by_grad, bool* out) {
   const int64_t n = rows * cols;
   std::vector<int32_t> salient(static_cast<size_t>(cols), 0);
   if (n > 0) {
-    std::unique_ptr<bool[]> by_weight(new bool[n]), by_grad(new bool[n]);
-    SelectWhole(pool, n_threads, Scores{w, kMagnitude}, Candidates{}, n, n_keep,
-                by_weight.get());
-    SelectWhole(pool, n_threads, Scores{g, kMagnitude}, Candidates{}, n, n_drop, by_grad.get());
+    SelectWhole(pool, n_threads, Scores{w, kMagnitude}, Candidates{}, n, n_keep, by_weight);
+    SelectWhole(pool, n_threads, Scores{g, kMagnitude}, Candidates{}, n, n_drop, by_grad);
     const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
     ParallelFor(pool, parts, parts, [&](int64_t p) {  // column ranges per thread
       const int64_t c0 = cols * p / parts, c1 = cols * (p + 1) / parts;
@@ -558,9 +564,11 @@ ffi::Error AblateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> weights,
   if (min_neurons < 0 || min_neurons >= cols) {
     return ffi::Error::InvalidArgument("sparsejax_ablate: min_neurons must be in [0, G)");
   }
+  const int64_t n = rows * cols;
+  std::unique_ptr<bool[]> by_weight(new bool[n]), by_grad(new bool[n]);
   Ablated(pool, ThreadCount(pool, threads), weights.typed_data(), grads.typed_data(), rows,
           cols, counts.typed_data()[0], counts.typed_data()[1], threshold, min_neurons,
-          ablated->typed_data());
+          by_weight.get(), by_grad.get(), ablated->typed_data());
   return ffi::Error::Success();
 }
 
@@ -607,23 +615,27 @@ ffi::Error AblatedDropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_
   const int64_t parts = std::max<int64_t>(1, std::min(n_threads, n / kMinParallel));
   const int64_t nnz = CountTrue(pool, parts, m, n);
   const int64_t n_drop = n_drop_in.typed_data()[0];
+  // The outputs serve as scratch: the salient selections, then the keepable entries (read
+  // by the drop selection into `kept` before the growth writes `new_mask`).
+  bool* kept = kept_out->typed_data();
+  bool* out = new_mask->typed_data();
   std::unique_ptr<bool[]> ablated(new bool[cols]);
   Ablated(pool, n_threads, weights.typed_data(), grads.typed_data(), rows, cols, nnz - n_drop,
-          n_drop, threshold, min_neurons, ablated.get());
+          n_drop, threshold, min_neurons, out, kept, ablated.get());
   int64_t n_active = 0;
   for (int64_t c = 0; c < cols; ++c) n_active += ablated[c] ? 0 : 1;
   std::vector<int32_t> per_neuron(static_cast<size_t>(cols));
   for (int64_t c = 0; c < cols; ++c) {
     per_neuron[c] = ablated[c] ? 0 : static_cast<int32_t>(budget / std::max<int64_t>(n_active, 1));
   }
-  std::unique_ptr<bool[]> keepable(new bool[n]);  // the mask's entries in active neurons
-  ParallelFor(pool, parts, parts, [&](int64_t p) {
-    for (int64_t i = n * p / parts; i < n * (p + 1) / parts; ++i) {
-      keepable[i] = m[i] && !ablated[i % cols];
+  bool* keepable = out;  // the mask's entries in active neurons
+  ParallelFor(pool, parts, parts, [&](int64_t p) {  // row ranges per thread
+    for (int64_t r = rows * p / parts; r < rows * (p + 1) / parts; ++r) {
+      for (int64_t c = 0; c < cols; ++c) keepable[r * cols + c] = m[r * cols + c] && !ablated[c];
     }
   });
-  GroupedUpdate(pool, n_threads, drop, grow, m, keepable.get(), per_neuron.data(), nnz, n_drop,
-                true, rows, cols, kept_out->typed_data(), new_mask->typed_data());
+  GroupedUpdate(pool, n_threads, drop, grow, m, keepable, per_neuron.data(), nnz, n_drop, true,
+                rows, cols, kept, out);
   return ffi::Error::Success();
 }
 
