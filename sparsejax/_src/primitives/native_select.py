@@ -1,12 +1,14 @@
-"""The native CPU twin of the exact top-k selection (an XLA FFI call).
+"""The native CPU twins of the mask update's primitives (XLA FFI calls).
 
 ``sparsejax/_src/kernels/csrc/select_ffi.cc`` is compiled at install time by
-``setup.py`` into ``sparsejax._src.primitives._select_native``. It computes exactly what
-``selection._select_2d`` computes (same keys, same thresholds, ties by index; the tests
-compare the two on every strategy), as one custom call: a mask update on the CPU then
-compiles to a few dozen XLA kernels instead of several hundred, which is most of its
-compile time and of its compile-time memory, and one selection runs 1.4-4.6x faster
-(benchmarks/RESULTS.md).
+``setup.py`` into ``sparsejax._src.primitives._select_native``. Its exact top-k computes
+exactly what ``selection._select_2d`` computes (same keys, same thresholds, ties by
+index; the tests compare the two on every strategy), as one custom call; so do its fused
+twins of ``drop_and_grow``, ``grouped_drop_and_grow``, SRigL's ablation rule and
+ablating update, ``count_true`` and the leaf-key derivation. A mask update on the CPU
+then compiles to a few dozen XLA kernels instead of several hundred (most of its compile
+time and compile-time memory), one selection runs 1.4-4.6x faster, and built-in scores
+are read in place (``score_form``: no float copy of a layer) (benchmarks/RESULTS.md).
 
 It is used only where it cannot change a program's memory layout: on a CPU process with
 one device (``jax.device_count() == 1``). With several devices an array may be sharded,
