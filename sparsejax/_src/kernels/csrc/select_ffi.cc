@@ -335,6 +335,18 @@ ffi::Error MakeScores(const char* what, const ffi::Buffer<ffi::F32>& values, int
   return ffi::Error::Success();
 }
 
+// The drop (words 0-1) and grow (words 2-3) Scores of a drop-and-grow kernel.
+ffi::Error MakeDropGrowScores(const std::string& what, const ffi::Buffer<ffi::F32>& drop_values,
+                              int64_t drop_mode, const ffi::Buffer<ffi::F32>& grow_values,
+                              int64_t grow_mode, const ffi::Buffer<ffi::U32>& words, int64_t n,
+                              Scores& drop, Scores& grow) {
+  if (auto e = MakeScores((what + " drop").c_str(), drop_values, drop_mode, words, 0, n, drop);
+      e.failure()) {
+    return e;
+  }
+  return MakeScores((what + " grow").c_str(), grow_values, grow_mode, words, 1, n, grow);
+}
+
 ffi::Error SelectImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> values,
                       ffi::Buffer<ffi::PRED> candidates, ffi::Buffer<ffi::S32> k,
                       ffi::Buffer<ffi::U32> words, ffi::ResultBuffer<ffi::PRED> out,
@@ -410,11 +422,8 @@ ffi::Error DropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_values,
                         int64_t threads) {
   const int64_t n = static_cast<int64_t>(mask.element_count());
   Scores drop, grow;
-  if (auto e = MakeScores("sparsejax_drop_grow drop", drop_values, drop_mode, words, 0, n, drop);
-      e.failure()) {
-    return e;
-  }
-  if (auto e = MakeScores("sparsejax_drop_grow grow", grow_values, grow_mode, words, 1, n, grow);
+  if (auto e = MakeDropGrowScores("sparsejax_drop_grow", drop_values, drop_mode,
+                                  grow_values, grow_mode, words, n, drop, grow);
       e.failure()) {
     return e;
   }
@@ -518,13 +527,8 @@ ffi::Error GroupedDropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_
   }
   const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
   Scores drop, grow;
-  if (auto e = MakeScores("sparsejax_grouped_drop_grow drop", drop_values, drop_mode, words, 0,
-                          n, drop);
-      e.failure()) {
-    return e;
-  }
-  if (auto e = MakeScores("sparsejax_grouped_drop_grow grow", grow_values, grow_mode, words, 1,
-                          n, grow);
+  if (auto e = MakeDropGrowScores("sparsejax_grouped_drop_grow", drop_values, drop_mode,
+                                  grow_values, grow_mode, words, n, drop, grow);
       e.failure()) {
     return e;
   }
@@ -590,13 +594,8 @@ ffi::Error AblatedDropGrowImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> drop_
   }
   const int64_t rows = dims[0], cols = dims[1], n = rows * cols;
   Scores drop, grow;
-  if (auto e = MakeScores("sparsejax_ablated_drop_grow drop", drop_values, drop_mode, words, 0,
-                          n, drop);
-      e.failure()) {
-    return e;
-  }
-  if (auto e = MakeScores("sparsejax_ablated_drop_grow grow", grow_values, grow_mode, words, 1,
-                          n, grow);
+  if (auto e = MakeDropGrowScores("sparsejax_ablated_drop_grow", drop_values, drop_mode,
+                                  grow_values, grow_mode, words, n, drop, grow);
       e.failure()) {
     return e;
   }
